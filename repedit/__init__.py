@@ -1,0 +1,16 @@
+"""repedit: representation editing and interpretability for personalising LLMs per user.
+
+Data flows one way: pairs -> capture -> probes -> steering -> export/serve.
+"""
+
+from .arch import ModelAdapter, UnsupportedModelError, get_adapter
+from .capture import Activations, capture
+from .io import InputError
+from .models import DEFAULT_MODEL, cache_dir, load_model, model_fingerprint
+from .sites import SITE_KINDS, Site, parse_site, parse_sites
+
+__all__ = [
+    "Activations", "DEFAULT_MODEL", "InputError", "ModelAdapter", "SITE_KINDS", "Site", "UnsupportedModelError",
+    "cache_dir", "capture", "get_adapter", "load_model", "model_fingerprint", "parse_site", "parse_sites",
+]
+__version__ = "0.1.0"

@@ -58,8 +58,6 @@ LAYOUTS: dict[str, Layout] = {
     "phi3": _LLAMA,
     "gemma": _LLAMA,
     "olmo": _LLAMA,
-    "olmo2": _LLAMA,
-    "granite": _LLAMA,
     "smollm3": _LLAMA,
     "gemma2": _GEMMA2,
     "gemma3": _GEMMA2,
@@ -92,6 +90,11 @@ def _layout_matches(model: nn.Module, layout: Layout) -> bool:
     block = getattr(decoder, layout.blocks)[0]
     names = [layout.attn, layout.mlp, layout.input_norm, layout.pre_mlp_norm, layout.attn_out, layout.mlp_out]
     return all(_child(block, name) is not None for name in names if name is not None)
+
+
+def _n_required(layout: Layout) -> int:
+    """How many block children a layout requires (more = more specific)."""
+    return sum(name is not None for name in (layout.attn, layout.mlp, layout.input_norm, layout.pre_mlp_norm, layout.attn_out, layout.mlp_out))
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,9 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     config = getattr(model, "config", None)
     model_type = str(getattr(config, "model_type", type(model).__name__))
     known = LAYOUTS.get(model_type)
-    tried = [known] if known is not None else list(dict.fromkeys(LAYOUTS.values()))
+    # For an unknown type, try the most specific layouts first: a Gemma 2-like block also has every
+    # module of the Llama layout, and matching it as Llama would hook the wrong attn_out/mlp_out.
+    tried = [known] if known is not None else sorted(dict.fromkeys(LAYOUTS.values()), key=_n_required, reverse=True)
     for layout in tried:
         if _layout_matches(model, layout):
             decoder = _find_decoder(model, layout)

@@ -6,19 +6,37 @@ With ``hidden_size=64`` the embedding matrix is 3M parameters, which keeps a for
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# The test machine has 2 cores shared with other jobs; one intra-op thread avoids spin-wait contention
+# that makes multi-threaded CPU forward passes ~10x slower under load. REPEDIT_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("REPEDIT_TEST_THREADS", "1")))
 
 VOCAB = 49152
 HIDDEN = 64
 N_LAYERS = 3
+# Larger than HF's default 0.02 so that attention is far from uniform: a masking or position bug then
+# changes hidden states by O(1), far above the 1e-4 tolerance of the capture tests.
+INIT_RANGE = 0.1
 
 # Every architecture the tiny-model factory can build; "gpt_neox_seq" is GPT-NeoX with
 # use_parallel_residual=False (sequential residual), "gpt_neox" the default parallel residual.
-ARCHS = ["llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox", "gpt_neox_seq", "phi3"]
+ARCHS = [
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox", "gpt_neox_seq",
+    "phi3", "olmo", "smollm3",
+]
 
 
 def make_config(arch: str):
+    config = _make_config(arch)
+    config.initializer_range = INIT_RANGE
+    return config
+
+
+def _make_config(arch: str):
     import transformers as tf
 
     common_llama = dict(
@@ -42,12 +60,20 @@ def make_config(arch: str):
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         )
     if arch == "gpt2":
-        return tf.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=N_LAYERS, n_head=4, n_positions=512)
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=N_LAYERS, n_head=4, n_positions=512, bos_token_id=0, eos_token_id=0)
     if arch in ("gpt_neox", "gpt_neox_seq"):
         return tf.GPTNeoXConfig(
             vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=N_LAYERS,
             num_attention_heads=4, max_position_embeddings=512, use_parallel_residual=(arch == "gpt_neox"),
         )
+    if arch == "mixtral":
+        return tf.MixtralConfig(**common_llama, num_local_experts=2, num_experts_per_tok=1, sliding_window=None)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**common_llama, head_dim=16, use_sliding_window=False)
+    if arch == "olmo":
+        return tf.OlmoConfig(**common_llama, pad_token_id=0)
+    if arch == "smollm3":
+        return tf.SmolLM3Config(**common_llama, pad_token_id=0)
     if arch == "phi3":
         return tf.Phi3Config(**common_llama, sliding_window=None, pad_token_id=0)
     raise ValueError(f"unknown test arch {arch!r}")

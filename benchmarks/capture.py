@@ -36,7 +36,10 @@ nnsight and transformer_lens are optional: if not importable they are skipped wi
 
 Methods are interleaved round-robin (the start of the round rotates every repeat) so that drift in
 machine load affects all of them alike; each method gets ``--warmup`` untimed calls first, and the
-median of ``--repeats`` timed calls is reported, with the min and max. Ratios are of medians.
+median of ``--repeats`` timed calls is reported, with the min and max. Ratios to both references are
+printed three ways: ratio of medians, ratio of minima (machine contention only ever adds time, so on
+a shared machine the minimum is the least noisy estimate), and "paired" (median over repeats of the
+method's time divided by the reference's time in the same round).
 
 The model load time is measured first in a fresh subprocess (same thread count): ``import``
 (``torch``, ``transformers`` auto classes, ``repedit``) and ``load_model`` (``repedit.load_model()``,
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-nnsight", action="store_true")
     parser.add_argument("--no-tl", action="store_true")
     args = parser.parse_args(argv)
+    started = datetime.datetime.now().isoformat(timespec="seconds")
 
     load_info = None if args.skip_load else measure_load(args.threads)
 
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "capture")
     for position in ("last", "all"):
         add(f"repedit native {position} [internal]",
-            lambda p=position: _run_native(adapter.decoder, adapter, batch, sites, p, torch.float32, torch.device("cpu")),
+            lambda p=position: _run_native(adapter.decoder, adapter, batch, sites, p, torch.float32),
             "capture")
         add(f"repedit native {position} [capture()]",
             lambda p=position: repedit.capture(model, tok, texts, "resid_post", p, batch_size=args.batch, progress=False),
@@ -240,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     # Sanity: every method reads the same residual stream (so we time working code, not a no-op).
     with torch.no_grad():
         hs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True).hidden_states
-        native_all = _run_native(adapter.decoder, adapter, batch, sites, "all", torch.float32, torch.device("cpu"))
-        native_last = _run_native(adapter.decoder, adapter, batch, sites, "last", torch.float32, torch.device("cpu"))
+        native_all = _run_native(adapter.decoder, adapter, batch, sites, "all", torch.float32)
+        native_last = _run_native(adapter.decoder, adapter, batch, sites, "last", torch.float32)
         checks: dict[str, float] = {}
         mid = sites[len(sites) // 2]
         checks["native all vs HF hidden_states (max |diff|, layer %d)" % mid.layer] = float(
@@ -284,10 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
 
     med = {name: statistics.median(v) for name, v in samples.items()}
-    ref_full = med[names[0]]
-    ref_dec = med[names[1]]
+    low = {name: min(v) for name, v in samples.items()}
+    ref_full, ref_dec = names[0], names[1]
 
-    print(f"repedit capture benchmark  {datetime.datetime.now().isoformat(timespec='seconds')}")
+    def paired(name: str, ref: str) -> float:
+        """Median over repeats of (method time / reference time in the same round)."""
+        return statistics.median(a / b for a, b in zip(samples[name], samples[ref]))
+
+    print(f"repedit capture benchmark  started {started}")
     print(f"python {platform.python_version()}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
           f"nproc {os.cpu_count()}  batch {args.batch} x {args.seq} tokens  repeats {args.repeats} (+{args.warmup} warm-up), round-robin")
     if load_info is not None:
@@ -301,13 +309,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}  (benchmark loop {bench_wall:.0f} s)")
     print()
     width = max(len(n) for n in names) + 2
-    header = f"{'method':<{width}} {'median ms':>9} {'min ms':>8} {'max ms':>8}  {'x CausalLM':>10} {'x decoder':>9}"
+    print("ratios: 'med' = ratio of medians, 'min' = ratio of minima (contention only ever adds time, so the")
+    print("minimum is the least noisy estimate on a busy machine), 'paired' = median of per-round ratios.")
+    header = (f"{'method':<{width}} {'median ms':>9} {'min ms':>8} {'max ms':>8} | {'xCLM med':>8} {'xCLM min':>8} "
+              f"{'xCLM pair':>9} | {'xDec med':>8} {'xDec min':>8} {'xDec pair':>9}")
     print(header)
     print("-" * len(header))
     for name in names:
         v = samples[name]
         print(f"{name:<{width}} {fmt_ms(med[name]):>9} {fmt_ms(min(v))} {fmt_ms(max(v))}  "
-              f"{med[name] / ref_full:10.3f} {med[name] / ref_dec:9.3f}")
+              f"| {med[name] / med[ref_full]:8.3f} {low[name] / low[ref_full]:8.3f} {paired(name, ref_full):9.3f} "
+              f"| {med[name] / med[ref_dec]:8.3f} {low[name] / low[ref_dec]:8.3f} {paired(name, ref_dec):9.3f}")
     print()
     for name, v in extras.items():
         print(f"separately: {name}: median {statistics.median(v) * 1e3:.2f} ms")
@@ -319,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json is not None:
         payload = {
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "started": started,
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -338,8 +350,12 @@ def main(argv: list[str] | None = None) -> int:
                     "min_ms": min(samples[name]) * 1e3,
                     "max_ms": max(samples[name]) * 1e3,
                     "samples_ms": [s * 1e3 for s in samples[name]],
-                    "ratio_causallm": med[name] / ref_full,
-                    "ratio_decoder_only": med[name] / ref_dec,
+                    "ratio_causallm": med[name] / med[ref_full],
+                    "ratio_decoder_only": med[name] / med[ref_dec],
+                    "ratio_causallm_min": low[name] / low[ref_full],
+                    "ratio_decoder_only_min": low[name] / low[ref_dec],
+                    "ratio_causallm_paired": paired(name, ref_full),
+                    "ratio_decoder_only_paired": paired(name, ref_dec),
                     "kind": kind[name],
                 }
                 for name in names

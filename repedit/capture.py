@@ -161,11 +161,14 @@ class Activations:
 
 @dataclass(frozen=True)
 class _Batch:
+    """A padded batch on the model's device, with the gather indices every hook reuses."""
+
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
     position_ids: torch.Tensor  # [B, T]
-    keep: torch.Tensor  # [B, T] bool: positions inside each row's span
     last: torch.Tensor  # [B] index of the last kept position of each row
+    kept_flat: torch.Tensor  # [n_kept] indices into the flattened [B*T] positions, row-major
+    mean_weights: torch.Tensor  # [B, T] float32: 1/n_kept inside each row's span, 0 elsewhere
 
 
 def _resolve_span(encoded: Encoded, span: Any, index: int) -> tuple[int, int]:
@@ -187,7 +190,13 @@ def _resolve_span(encoded: Encoded, span: Any, index: int) -> tuple[int, int]:
     return lo, hi
 
 
-def _make_batch(encoded: Sequence[Encoded], spans: Sequence[tuple[int, int]], pad_id: int, padding_side: str) -> _Batch:
+def spans_len(span: tuple[int, int]) -> int:
+    return span[1] - span[0]
+
+
+def _make_batch(
+    encoded: Sequence[Encoded], spans: Sequence[tuple[int, int]], pad_id: int, padding_side: str, device: torch.device | str = "cpu",
+) -> _Batch:
     width = max(len(e.input_ids) for e in encoded)
     batch = len(encoded)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -202,27 +211,29 @@ def _make_batch(encoded: Sequence[Encoded], spans: Sequence[tuple[int, int]], pa
         keep[row, offset + lo:offset + hi] = True
         last[row] = offset + hi - 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return _Batch(input_ids, attention_mask, position_ids, keep, last)
+    weights = keep.to(torch.float32)
+    weights = weights / weights.sum(1, keepdim=True)
+    return _Batch(
+        input_ids.to(device), attention_mask.to(device), position_ids.to(device), last.to(device),
+        keep.reshape(-1).nonzero().squeeze(1).to(device), weights.to(device),
+    )
 
 
 def _reduce(hidden: torch.Tensor, batch: _Batch, position: str, out_dtype: torch.dtype) -> torch.Tensor:
     """Reduce ``[B, T, d]`` hidden states to ``[B, d]`` (last, mean) or ``[kept tokens, d]`` (all)."""
     if position == "last":
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, batch.last.to(hidden.device)].to(out_dtype)
-    keep = batch.keep.to(hidden.device)
+        return hidden[rows, batch.last].to(out_dtype)
     if position == "mean":
-        weights = keep.to(torch.float32)
-        summed = torch.einsum("bt,btd->bd", weights, hidden.to(torch.float32))
-        return (summed / weights.sum(1, keepdim=True)).to(out_dtype)
-    return hidden[keep].to(out_dtype)
+        return torch.einsum("bt,btd->bd", batch.mean_weights, hidden.to(torch.float32)).to(out_dtype)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.kept_flat).to(out_dtype)
 
 
 class _StopForward(Exception):
     """Raised by a hook after the deepest requested block: the rest of the model is not needed."""
 
 
-def _run_native(decoder: nn.Module, adapter, batch: _Batch, sites: Sequence[Site], position: str, out_dtype: torch.dtype, device) -> dict[Site, torch.Tensor]:
+def _run_native(decoder: nn.Module, adapter, batch: _Batch, sites: Sequence[Site], position: str, out_dtype: torch.dtype) -> dict[Site, torch.Tensor]:
     results: dict[Site, torch.Tensor] = {}
 
     def reader(site: Site):
@@ -240,12 +251,7 @@ def _run_native(decoder: nn.Module, adapter, batch: _Batch, sites: Sequence[Site
     with site_hooks(adapter, hooks):
         stop_handle = adapter.block(deepest).register_forward_hook(stop)
         try:
-            decoder(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                position_ids=batch.position_ids.to(device),
-                use_cache=False,
-            )
+            decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
         except _StopForward:
             pass
         finally:
@@ -367,27 +373,28 @@ def capture(
             part_spans = spans[start:start + len(part)]
             # Batches of similar length waste less compute on padding; results are put back in order.
             order = sorted(range(len(part)), key=lambda i: len(part[i].input_ids))
-            per_item: list[dict[str, torch.Tensor]] = [{} for _ in part]
+            batch_parts: dict[str, list[torch.Tensor]] = {name: [] for name in template.sites}
             for _, batch_indices in chunks(order, batch_size):
-                batch = _make_batch([part[i] for i in batch_indices], [part_spans[i] for i in batch_indices], pad_id, padding_side)
+                batch = _make_batch([part[i] for i in batch_indices], [part_spans[i] for i in batch_indices], pad_id, padding_side, device)
                 if runner is None:
-                    reduced = _run_native(adapter.decoder, adapter, batch, parsed_sites, position, dtype, device)
+                    reduced = _run_native(adapter.decoder, adapter, batch, parsed_sites, position, dtype)
                 else:
-                    full = runner.run(batch.input_ids.to(device), batch.attention_mask.to(device), batch.position_ids.to(device), parsed_sites)
+                    full = runner.run(batch.input_ids, batch.attention_mask, batch.position_ids, parsed_sites)
                     reduced = {site: _reduce(full[site], batch, position, dtype) for site in parsed_sites}
-                counts = batch.keep.sum(1) if position == "all" else torch.ones(len(batch_indices), dtype=torch.long)
-                offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-                for row, item_index in enumerate(batch_indices):
-                    for site in parsed_sites:
-                        value = reduced[site]
-                        per_item[item_index][site.name] = (
-                            value[offsets[row]:offsets[row + 1]] if position == "all" else value[row:row + 1]
-                        ).cpu()
+                for site in parsed_sites:
+                    batch_parts[site.name].append(reduced[site])
                 bar.update(1)
-            shard_tensors = {name: torch.cat([per_item[i][name] for i in range(len(part))]) for name in template.sites}
-            shard_counts = torch.tensor(
-                [per_item[i][template.sites[0]].shape[0] for i in range(len(part))], dtype=torch.long
-            )
+            # Rows are in length-sorted order; one gather per site puts them back in input order.
+            sorted_counts = torch.tensor([spans_len(part_spans[i]) if position == "all" else 1 for i in order], dtype=torch.long)
+            sorted_starts = torch.cumsum(sorted_counts, 0) - sorted_counts
+            rank = torch.empty(len(order), dtype=torch.long)
+            rank[torch.tensor(order)] = torch.arange(len(order))
+            shard_counts = sorted_counts[rank]
+            gather = torch.cat([torch.arange(int(sorted_starts[r]), int(sorted_starts[r] + sorted_counts[r])) for r in rank.tolist()])
+            shard_tensors = {}
+            for name, parts in batch_parts.items():
+                stacked = parts[0] if len(parts) == 1 else torch.cat(parts)
+                shard_tensors[name] = stacked.index_select(0, gather.to(stacked.device)).cpu()
             if out_path is None:
                 for name, tensor in shard_tensors.items():
                     memory_parts[name].append(tensor)
@@ -401,6 +408,6 @@ def capture(
     if out_path is not None:
         write_json(out_path / _MANIFEST, manifest(done_shards, complete=True))
         return Activations.load(out_path)
-    template.n_tokens = torch.cat(count_parts)
-    template._tensors = {name: torch.cat(parts) for name, parts in memory_parts.items()}
+    template.n_tokens = count_parts[0] if len(count_parts) == 1 else torch.cat(count_parts)
+    template._tensors = {name: parts[0] if len(parts) == 1 else torch.cat(parts) for name, parts in memory_parts.items()}
     return template

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .io import InputError
+from .pairs import DEFAULT_SETTINGS as PAIR_SETTINGS
 
 
 def _capture(args: argparse.Namespace) -> None:
@@ -24,6 +25,30 @@ def _capture(args: argparse.Namespace) -> None:
     print(f"captured {acts.n_items} inputs x {len(acts.sites)} sites ({acts.position}, span {acts.span}) -> {args.out}")
 
 
+def _pairs(args: argparse.Namespace) -> None:
+    from .generation import GenerationSettings
+    from .models import load_model
+    from .pairs import generate
+    from .userdata import demo_prompts_path, demo_users_path, read_prompts, read_users
+
+    users = read_users(demo_users_path() if args.users == "demo" else args.users)[: args.max_users]
+    prompts = read_prompts(demo_prompts_path() if args.prompts == "demo" else args.prompts)[: args.max_prompts]
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+        seed=args.seed, batch_size=args.batch_size, repetition_penalty=args.repetition_penalty,
+    )
+    model, tokenizer = load_model(args.model)
+    pairs = generate(
+        model, tokenizer, users, prompts, out=args.out, k=args.k, settings=settings, near_duplicate=args.near_duplicate,
+        real_history=not args.no_real_history, truncated=args.truncated,
+    )
+    by_source: dict[str, int] = {}
+    for pair in pairs:
+        by_source[pair.source] = by_source.get(pair.source, 0) + 1
+    print(f"{len(pairs)} pairs for {len(users)} users x {len(prompts)} prompts -> {args.out} ({by_source}); "
+          f"dropped pairs and their reasons are in {args.out}.state.json")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -39,6 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     demo.add_argument("--position", default="mean", choices=["last", "mean"])
     demo.set_defaults(run=_demo)
+
+    pairs = commands.add_parser("pairs", help="self-generate per-user preference pairs (personalised vs neutral); resumable")
+    pairs.add_argument("--users", required=True, help="users JSONL (user_id, history, profile), or 'demo' for the built-in users")
+    pairs.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl, or 'demo' for the built-in prompts")
+    pairs.add_argument("--out", required=True, help="output pairs JSONL; rerun the same command to resume")
+    pairs.add_argument("--model", default="smollm2-135m-instruct", help="model alias, HF id, local folder or .gguf path")
+    pairs.add_argument("--k", type=int, default=4, help="representative history items shown per user (default 4)")
+    pairs.add_argument("--max-new-tokens", type=int, default=PAIR_SETTINGS.max_new_tokens)
+    pairs.add_argument("--batch-size", type=int, default=8)
+    pairs.add_argument("--repetition-penalty", type=float, default=PAIR_SETTINGS.repetition_penalty)
+    pairs.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (use --seed)")
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.add_argument("--temperature", type=float, default=0.7)
+    pairs.add_argument("--top-p", type=float, default=0.95)
+    pairs.add_argument("--near-duplicate", type=float, default=0.995, help="drop pairs whose responses' hidden-state cosine exceeds this")
+    pairs.add_argument("--truncated", default="drop", choices=["drop", "trim"], help="drop pairs cut at max-new-tokens, or trim them to the last full sentence")
+    pairs.add_argument("--no-real-history", action="store_true", help="skip real-history (StyleVector) pairs")
+    pairs.add_argument("--max-users", type=int, default=None, help="use only the first N users")
+    pairs.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    pairs.set_defaults(run=_pairs)
 
     cap = commands.add_parser("capture", help="capture hidden states of inputs from a JSONL file")
     cap.add_argument("--inputs", required=True, help="JSONL: strings, or objects with 'text', 'messages', or 'prompt'+'response' (other fields kept as metadata)")

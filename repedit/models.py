@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -146,6 +147,9 @@ _ARCH_KEYS = (
 )
 
 
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], str]]" = weakref.WeakKeyDictionary()
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """Stable identity of a model's architecture and weights: ``"<model_type>-<16 hex>"``.
 
@@ -154,6 +158,11 @@ def model_fingerprint(model: nn.Module) -> str:
     the model was loaded from GGUF, from the safetensors cache, in fp32 or in bf16, on any device,
     and changes when any weight tensor is replaced by different weights.
     """
+    # Cached per model object; any in-place weight update bumps a parameter's version and invalidates it.
+    state = tuple(v for p in model.parameters() for v in (p.data_ptr(), p._version))
+    cached = _FINGERPRINTS.get(model)
+    if cached is not None and cached[0] == state:
+        return cached[1]
     config = model.config.to_dict()
     arch = {key: config.get(key) for key in _ARCH_KEYS if key in config}
     digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
@@ -167,4 +176,6 @@ def model_fingerprint(model: nn.Module) -> str:
             index = torch.arange(steps, device=flat.device) * (flat.numel() - 1) // max(steps - 1, 1)
             sample = flat[index].to("cpu", torch.bfloat16).view(torch.int16)
             digest.update(sample.numpy().tobytes())
-    return f"{arch.get('model_type', 'model')}-{digest.hexdigest()[:16]}"
+    fingerprint = f"{arch.get('model_type', 'model')}-{digest.hexdigest()[:16]}"
+    _FINGERPRINTS[model] = (state, fingerprint)
+    return fingerprint

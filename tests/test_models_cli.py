@@ -1,0 +1,107 @@
+"""Model loading (alias, local folder, .gguf path, cache) and the `repedit capture` / `repedit demo` CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import repedit
+from repedit.cli import main
+from repedit.io import InputError
+from repedit.models import default_gguf_path
+
+from conftest import build_tiny_model
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path, tokenizer):
+    """A tiny llama saved as a local Hugging Face folder (weights + the default model's tokenizer)."""
+    model = build_tiny_model("llama")
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, model
+
+
+def test_load_model_from_local_folder(tiny_folder):
+    folder, original = tiny_folder
+    model, tokenizer = repedit.load_model(str(folder))
+    assert not model.training and tokenizer.pad_token is not None
+    assert repedit.model_fingerprint(model) == repedit.model_fingerprint(original)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, original(ids).logits)
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(InputError, match="GGUF file not found"):
+        repedit.load_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(InputError, match="model folder not found"):
+        repedit.load_model(str(tmp_path / "no-such-folder"))
+
+
+def test_cli_capture_from_jsonl(tiny_folder, tmp_path):
+    folder, model = tiny_folder
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text(
+        json.dumps({"text": "The first text.", "tag": "a"}) + "\n"
+        + json.dumps({"prompt": "Say hi.", "response": "Hi there!", "tag": "b"}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Hello"}], "tag": "c"}) + "\n"
+    )
+    out = tmp_path / "acts"
+    code = main(["capture", "--model", str(folder), "--inputs", str(inputs), "--out", str(out), "--sites", "resid_post.1", "attn_out.0", "--position", "mean"])
+    assert code == 0
+    acts = repedit.Activations.load(out)
+    assert acts.sites == ["attn_out.0", "resid_post.1"] and acts.n_items == 3
+    assert [m["tag"] for m in acts.metadata] == ["a", "b", "c"]
+    tokenizer = repedit.load_model(str(folder))[1]
+    ids = tokenizer("The first text.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True).hidden_states[2][0].mean(0)
+    assert torch.allclose(acts["resid_post.1"][0], expected, atol=1e-5)
+
+
+def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys, tiny_folder):
+    folder, _ = tiny_folder
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": \n')
+    assert main(["capture", "--model", str(folder), "--inputs", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "ok"}\n')
+    assert main(["capture", "--model", str(folder), "--inputs", str(good), "--out", str(tmp_path / "o"), "--sites", "resid_post.7"]) == 2
+    assert "valid layers are 0..2" in capsys.readouterr().err
+
+
+@pytest.mark.default_model
+def test_gguf_path_is_dequantised_once_then_cached(tmp_path, monkeypatch, default_model_and_tokenizer):
+    reference, _ = default_model_and_tokenizer
+    monkeypatch.setenv("REPEDIT_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = repedit.load_model(str(default_gguf_path()))
+    cached = list((tmp_path / "cache" / "models").iterdir())
+    assert len(cached) == 1 and (cached[0] / "repedit-cache.json").exists()
+    start = time.perf_counter()
+    again, _ = repedit.load_model(str(default_gguf_path()))
+    assert time.perf_counter() - start < 10  # the cache is read, not the GGUF dequantised again (~15 s)
+    # Same weights whichever way it was loaded: GGUF, cache, or the alias (the session fixture).
+    fingerprint = repedit.model_fingerprint(reference)
+    assert repedit.model_fingerprint(model) == repedit.model_fingerprint(again) == fingerprint
+    assert repedit.model_fingerprint(again.to(torch.bfloat16)) == fingerprint
+    ids = tokenizer("Hello there", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.default_model
+def test_demo_command_writes_the_pca_report(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "repedit", "demo", "--out", str(tmp_path / "demo")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    html = (tmp_path / "demo" / "pca_by_layer.html").read_text()
+    assert "resid_post.29" in html and "plotly" in html.lower() and len(html) > 1_000_000  # plotly.js embedded: opens offline
+    acts = repedit.Activations.load(tmp_path / "demo" / "activations")
+    assert acts.n_items == 64 and len(acts.sites) == 30

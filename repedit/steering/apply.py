@@ -1,0 +1,224 @@
+"""Applying edits with hooks: one user for all rows, or a different user per row of one batch.
+
+For each site, the edits of all users are packed into per-operator tables whose row 0 is "no edit";
+a row → table index picks each batch row's parameters with one gather, so a mixed batch costs one
+fused edit per site, not one per user (EasySteer-style). Rows without an edit get zero strengths,
+which leaves their hidden states bit-for-bit unchanged. Works inside ``model.generate`` with left
+padding and the KV cache: token positions are recomputed from the attention mask at every forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from ..arch import get_adapter
+from ..hooks import register_site_hook
+from ..io import InputError
+from ..sites import parse_site
+from .edit import SiteEdit, UserEdit, check_model
+from .operators import RowParams, apply_operator
+
+
+@dataclass
+class _Table:
+    """Per-operator parameter tables for one site and slot: row 0 = no edit, row i+1 = user i."""
+
+    operator: str
+    gate: str
+    index: torch.Tensor  # [B] or [1] (broadcast): row -> table row
+    params: RowParams  # each tensor [n_users + 1, ...]
+    needs_row_mask: bool  # clamp has no strength that can switch it off
+
+
+class _Positions:
+    """Per-forward token positions of each row (padding excluded) and each row's prompt length."""
+
+    def __init__(self) -> None:
+        self.positions: torch.Tensor | None = None  # [B, T]
+        self.prompt_len: torch.Tensor | None = None  # [B]
+
+    def pre_hook(self, module, args, kwargs) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        batch, length = (input_ids.shape if input_ids is not None else embeds.shape[:2])
+        mask = kwargs.get("attention_mask")
+        device = (input_ids if input_ids is not None else embeds).device
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            positions = (mask.long().cumsum(-1) - 1)[:, -length:]
+            past = mask.shape[1] - length
+            real = mask[:, -length:].bool()
+        else:
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))
+            past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+            positions = torch.arange(past, past + length, device=device).expand(batch, length)
+            real = torch.ones(batch, length, dtype=torch.bool, device=device)
+        if past == 0:  # a new sequence: everything seen now is the prompt
+            self.prompt_len = positions.masked_fill(~real, -1).max(dim=1).values + 1
+        self.positions = positions
+
+
+class SteeringHandle:
+    """Hooks applying edits to a model; remove them with :meth:`remove` or by leaving the ``with`` block."""
+
+    def __init__(self, handles: list[RemovableHandle]) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> "SteeringHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def _pack(operator: str, entries: list[tuple[int, SiteEdit]], n_users: int, d_model: int) -> RowParams:
+    """Tables with one row per user (+ row 0, zeros) for the edits ``entries`` = [(user index, edit)]."""
+    rows = n_users + 1
+
+    def table(name: str) -> torch.Tensor | None:
+        present = [(i, getattr(e, name)) for i, e in entries if getattr(e, name) is not None]
+        if not present:
+            return None
+        if name == "basis":
+            k = max(t.shape[0] for _, t in present)
+            out = torch.zeros(rows, k, d_model)
+            for i, t in present:
+                out[i + 1, : t.shape[0]] = t
+            return out
+        out = torch.zeros(rows, d_model)
+        for i, t in present:
+            out[i + 1] = t
+        return out
+
+    def scalars(name: str, default: float) -> torch.Tensor:
+        out = torch.full((rows,), default, dtype=torch.float32)
+        out[0] = 0.0 if name in ("a", "b") else default
+        for i, e in entries:
+            out[i + 1] = getattr(e, name)
+        return out
+
+    return RowParams(
+        vector=table("vector"), direction=table("direction"), basis=table("basis"),
+        a=scalars("a", 0.0), b=scalars("b", 0.0), target=scalars("target", 0.0), tau=scalars("tau", 1.0),
+    )
+
+
+def _to(params: RowParams, device: torch.device) -> RowParams:
+    return RowParams(**{name: (value.to(device) if value is not None else None) for name, value in vars(params).items()})
+
+
+def steer(model, edits: Sequence[UserEdit | None], rows: Sequence[int | None] | None = None) -> SteeringHandle:
+    """Hook ``edits`` into ``model`` and return the :class:`SteeringHandle`.
+
+    Args:
+        edits: the users' edits (``None`` entries allowed: no edit).
+        rows: for a mixed batch, ``rows[b]`` is the index in ``edits`` of batch row ``b``'s user (or
+            ``None`` for an unsteered row); the batch given to the model must then have exactly
+            ``len(rows)`` rows. ``None`` applies ``edits[0]`` to every row of any batch.
+    """
+    adapter = get_adapter(model)
+    present = [e for e in edits if e is not None]
+    for edit in present:
+        check_model(edit, model)
+    if rows is not None:
+        for b, r in enumerate(rows):
+            if r is not None and not 0 <= r < len(edits):
+                raise InputError(f"row {b} points to edit {r}, but only {len(edits)} edits were given")
+        batch_index = [(r + 1) if (r is not None and edits[r] is not None) else 0 for r in rows]
+    elif len(edits) != 1:
+        raise InputError("without rows=..., give exactly one edit (it is applied to every row)")
+    device = next(model.parameters()).device
+    n_users = len(edits)
+
+    # site -> slot -> (operator, gate) -> [(user index, SiteEdit)]
+    layout: dict[str, list[dict[tuple[str, str], list[tuple[int, SiteEdit]]]]] = {}
+    for user_index, edit in enumerate(edits):
+        if edit is None:
+            continue
+        seen: dict[str, int] = {}
+        for site_edit in edit.edits:
+            site = parse_site(site_edit.site, adapter.n_layers).name
+            slot = seen.get(site, 0)
+            seen[site] = slot + 1
+            slots = layout.setdefault(site, [])
+            while len(slots) <= slot:
+                slots.append({})
+            slots[slot].setdefault((site_edit.operator, site_edit.gate), []).append((user_index, site_edit))
+
+    def row_index(users_in_table: set[int]) -> torch.Tensor:
+        if rows is None:
+            return torch.tensor([1 if 0 in users_in_table else 0], device=device)
+        return torch.tensor([i if (i - 1) in users_in_table else 0 for i in batch_index], device=device)
+
+    position_rules = [e.positions if e is not None else "all" for e in edits]
+    needs_positions = any(rule != "all" for rule in position_rules)
+    tracker = _Positions()
+    handles: list[RemovableHandle] = []
+    try:
+        if needs_positions:
+            handles.append(adapter.decoder.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
+        for site_name, slots in layout.items():
+            tables = [
+                _Table(op, gate, row_index({u for u, _ in entries}), _to(_pack(op, entries, n_users, adapter.d_model), device), op == "clamp")
+                for slot in slots for (op, gate), entries in slot.items()
+            ]
+            handles.append(register_site_hook(adapter, parse_site(site_name, adapter.n_layers), _make_hook(tables, position_rules, rows, batch_index if rows is not None else None, tracker, needs_positions)))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return SteeringHandle(handles)
+
+
+def _position_mask(rules: list[Any], row_users: torch.Tensor, tracker: _Positions) -> torch.Tensor:
+    """``[B, T]`` bool: which tokens each row's user edits at this forward."""
+    positions = tracker.positions
+    prompt_len = tracker.prompt_len if tracker.prompt_len is not None else torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
+    masks = []
+    for b in range(positions.shape[0]):
+        user = int(row_users[b]) if row_users.numel() > 1 else int(row_users[0])
+        rule = rules[user - 1] if user > 0 else "all"
+        pos = positions[b]
+        if rule == "all":
+            masks.append(torch.ones_like(pos, dtype=torch.bool))
+        elif rule == "prompt":
+            masks.append(pos < prompt_len[b])
+        elif rule == "generated":
+            masks.append(pos >= prompt_len[b])
+        else:
+            masks.append(pos >= int(rule))
+    return torch.stack(masks)
+
+
+def _make_hook(tables: list[_Table], rules, rows, batch_index, tracker: _Positions, needs_positions: bool):
+    def hook(hidden: torch.Tensor) -> torch.Tensor:
+        batch = hidden.shape[0]
+        if rows is not None and batch != len(rows):
+            raise InputError(f"steering was set up for {len(rows)} rows, but the model got a batch of {batch}")
+        out = hidden
+        for table in tables:
+            index = table.index if table.index.numel() == batch else table.index.expand(batch)
+            params = RowParams(**{n: (v.index_select(0, index) if v is not None else None) for n, v in vars(table.params).items()})
+            edited = apply_operator(table.operator, out, params, table.gate)
+            if table.needs_row_mask or needs_positions:
+                mask = (index > 0)[:, None].expand(batch, hidden.shape[1])
+                if needs_positions:
+                    row_users = torch.tensor(batch_index, device=hidden.device) if batch_index is not None else torch.ones(1, dtype=torch.long, device=hidden.device)
+                    mask = mask & _position_mask(rules, row_users, tracker).to(hidden.device)
+                edited = torch.where(mask[..., None], edited, out)
+            out = edited
+        return out
+
+    return hook

@@ -6,6 +6,7 @@ template, left-padded, and generated together; greedy decoding is the default (d
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -91,19 +92,70 @@ def _stop_ids(tokenizer, model) -> list[int]:
     return sorted(flat)
 
 
-def generate_batch(model, tokenizer, conversations: Sequence[Conversation], settings: GenerationSettings, *, seed_offset: int = 0) -> list[Generated]:
+def _shared_prefix_cache(model, tokenizer, conversations: Sequence[Conversation], rows: list[list[int]], prefix_messages: Sequence[int], pad_id: int):
+    """KV cache of each distinct conversation prefix, computed once and expanded to the rows using it.
+
+    Returns ``(input_ids, attention_mask, cache)`` for ``model.generate`` — ``input_ids`` is each
+    row's left-padded prefix followed by its left-padded remainder, and ``cache`` already holds the
+    prefix part — or ``None`` when the prefixes cannot be shared (a prefix that does not tokenise to
+    a prefix of the full conversation, an empty prefix, or no prefix used by two rows).
+    """
+    from transformers import DynamicCache
+
+    prefixes: list[list[int]] = []
+    for conversation, row, n in zip(conversations, rows, prefix_messages):
+        if n <= 0 or not getattr(tokenizer, "chat_template", None):
+            return None
+        text = tokenizer.apply_chat_template(list(conversation[:n]), tokenize=False)
+        prefix = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not prefix or row[: len(prefix)] != prefix or len(prefix) == len(row):
+            return None
+        prefixes.append(prefix)
+    distinct = list(dict.fromkeys(tuple(p) for p in prefixes))
+    if len(distinct) == len(prefixes):
+        return None
+    device = next(model.parameters()).device
+    prefix_ids, prefix_mask = left_pad([list(p) for p in distinct], pad_id)
+    cache = DynamicCache(config=model.config)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        model(
+            input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+            position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, **{cache_arg: cache},
+        )
+    which = torch.tensor([distinct.index(tuple(p)) for p in prefixes])
+    cache.batch_select_indices(which.to(device))
+    rest_ids, rest_mask = left_pad([row[len(p):] for row, p in zip(rows, prefixes)], pad_id)
+    input_ids = torch.cat([prefix_ids[which], rest_ids], dim=1)
+    attention_mask = torch.cat([prefix_mask[which], rest_mask], dim=1)
+    return input_ids, attention_mask, {cache_arg: cache}
+
+
+def generate_batch(
+    model, tokenizer, conversations: Sequence[Conversation], settings: GenerationSettings, *, seed_offset: int = 0,
+    prefix_messages: Sequence[int] | None = None,
+) -> list[Generated]:
     """Generate one response per conversation in a single ``model.generate`` call (left padding).
 
-    With sampling, the generator is seeded with ``settings.seed + seed_offset`` so that a batch is
-    reproducible.
+    ``prefix_messages[i]`` is the number of leading messages of conversation ``i`` that other rows
+    may share (e.g. a user's system message and few-shot turns): each distinct prefix is run once
+    and its KV cache reused by every row that starts with it, which removes most of the prefill cost
+    when many prompts share a long prefix. Results equal the unshared computation up to float
+    rounding. With sampling, the generator is seeded with ``settings.seed + seed_offset``.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop = _stop_ids(tokenizer, model)
-    input_ids, attention_mask = left_pad([render_chat(tokenizer, c) for c in conversations], pad_id)
+    rows = [render_chat(tokenizer, c) for c in conversations]
+    shared = _shared_prefix_cache(model, tokenizer, conversations, rows, prefix_messages, pad_id) if prefix_messages is not None else None
+    extra: dict[str, Any] = {}
+    if shared is None:
+        input_ids, attention_mask = left_pad(rows, pad_id)
+    else:
+        input_ids, attention_mask, extra = shared
     device = next(model.parameters()).device
     kwargs: dict[str, Any] = {
         "max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample, "pad_token_id": pad_id,
-        "repetition_penalty": settings.repetition_penalty, "no_repeat_ngram_size": settings.no_repeat_ngram_size,
+        "repetition_penalty": settings.repetition_penalty, "no_repeat_ngram_size": settings.no_repeat_ngram_size, **extra,
     }
     if stop:
         kwargs["eos_token_id"] = stop
@@ -125,11 +177,15 @@ def generate_batch(model, tokenizer, conversations: Sequence[Conversation], sett
 
 def generate_chat(
     model, tokenizer, conversations: Sequence[Conversation], settings: GenerationSettings = GenerationSettings(),
-    *, progress: bool = True, desc: str = "generate",
+    *, progress: bool = True, desc: str = "generate", prefix_messages: Sequence[int] | None = None,
 ) -> list[Generated]:
-    """Generate responses for many conversations in batches of ``settings.batch_size``, in input order."""
+    """Generate responses for many conversations in batches of ``settings.batch_size``, in input order.
+
+    ``prefix_messages``: see :func:`generate_batch` (shared-prefix KV caching within each batch).
+    """
     results: list[Generated] = []
     batches = list(chunks(list(conversations), settings.batch_size))
     for start, batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        results.extend(generate_batch(model, tokenizer, batch, settings, seed_offset=start))
+        shared = prefix_messages[start:start + len(batch)] if prefix_messages is not None else None
+        results.extend(generate_batch(model, tokenizer, batch, settings, seed_offset=start, prefix_messages=shared))
     return results

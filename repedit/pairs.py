@@ -389,7 +389,8 @@ def generate(
         conversations = [
             templates.personalized(users_by_id[uid], state["selected"][uid], state["insights"][uid], p) for uid, p in batch
         ]
-        results = generate_chat(model, tokenizer, conversations, settings, progress=False)
+        # Every message but the request is the user's shared prefix: its KV cache is computed once per batch.
+        results = generate_chat(model, tokenizer, conversations, settings, progress=False, prefix_messages=[len(c) - 1 for c in conversations])
         candidates = [
             (Pair(uid, p, r.text, neutral(p).text, state["insights"][uid], SELF_GENERATED, run_settings), r, neutral(p))
             for (uid, p), r in zip(batch, results) if _key_string((uid, p, SELF_GENERATED)) not in done

@@ -208,3 +208,24 @@ def test_killed_run_resumes_without_loss_or_duplicates(default_model_and_tokeniz
     state = json.loads((tmp_path / "killed.jsonl.state.json").read_text())
     expected = {(u.user_id, p, SELF_GENERATED) for u in users for p in PROMPTS} | {(u.user_id, h.prompt, REAL_HISTORY) for u in users for h in u.history}
     assert set(resumed) | {tuple(json.loads(k)) for k in state["dropped"]} == expected
+
+
+def test_shared_prefix_cache_gives_the_same_generations(tiny_model, tokenizer, monkeypatch):
+    import repedit.generation as generation
+    from repedit.generation import generate_chat
+
+    used = []
+    original = generation._shared_prefix_cache
+    monkeypatch.setattr(generation, "_shared_prefix_cache", lambda *a, **k: used.append(original(*a, **k)) or used[-1])
+
+    model = tiny_model("llama")
+    templates = PairTemplates()
+    users = demo_users()[:2]
+    conversations = [templates.personalized(u, [0, 1], "This user writes.", p) for u in users for p in PROMPTS]
+    settings = GenerationSettings(max_new_tokens=6, batch_size=6, repetition_penalty=1.2)
+    plain = generate_chat(model, tokenizer, conversations, settings, progress=False)
+    shared = generate_chat(model, tokenizer, conversations, settings, progress=False, prefix_messages=[len(c) - 1 for c in conversations])
+    assert [g.text for g in shared] == [g.text for g in plain]
+    assert all(g.n_tokens > 0 for g in plain)
+    assert used and used[0] is not None  # the shared-prefix path really ran (2 users' prefixes, 3 rows each)
+    assert used[0][0].shape[0] == 6

@@ -15,6 +15,18 @@ import torch
 # that makes multi-threaded CPU forward passes ~10x slower under load. REPEDIT_TEST_THREADS overrides.
 torch.set_num_threads(int(os.environ.get("REPEDIT_TEST_THREADS", "1")))
 
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    """One BLAS thread too (numpy/scikit-learn): on 2 shared cores, OpenBLAS's second thread spin-waits
+    and makes a [160, 64] SVD ~10x slower."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
+
+
 VOCAB = 49152
 HIDDEN = 64
 N_LAYERS = 3

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "capture")
     for position in ("last", "all"):
         add(f"repedit native {position} [internal]",
-            lambda p=position: _run_native(adapter.decoder, adapter, batch, sites, p, torch.float32),
+            lambda p=position: _run_native(adapter, batch, sites, p, torch.float32),
             "capture")
         add(f"repedit native {position} [capture()]",
             lambda p=position: repedit.capture(model, tok, texts, "resid_post", p, batch_size=args.batch, progress=False),
@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     # Sanity: every method reads the same residual stream (so we time working code, not a no-op).
     with torch.no_grad():
         hs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True).hidden_states
-        native_all = _run_native(adapter.decoder, adapter, batch, sites, "all", torch.float32)
-        native_last = _run_native(adapter.decoder, adapter, batch, sites, "last", torch.float32)
+        native_all = _run_native(adapter, batch, sites, "all", torch.float32)
+        native_last = _run_native(adapter, batch, sites, "last", torch.float32)
         checks: dict[str, float] = {}
         mid = sites[len(sites) // 2]
         checks["native all vs HF hidden_states (max |diff|, layer %d)" % mid.layer] = float(

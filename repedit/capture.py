@@ -13,7 +13,6 @@ fingerprint, item metadata, list of shards) and ``shard-NNNNN.safetensors`` file
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +189,7 @@ def _resolve_span(encoded: Encoded, span: Any, index: int) -> tuple[int, int]:
     return lo, hi
 
 
-def spans_len(span: tuple[int, int]) -> int:
+def _span_len(span: tuple[int, int]) -> int:
     return span[1] - span[0]
 
 
@@ -233,7 +232,7 @@ class _StopForward(Exception):
     """Raised by a hook after the deepest requested block: the rest of the model is not needed."""
 
 
-def _run_native(decoder: nn.Module, adapter, batch: _Batch, sites: Sequence[Site], position: str, out_dtype: torch.dtype) -> dict[Site, torch.Tensor]:
+def _run_native(adapter, batch: _Batch, sites: Sequence[Site], position: str, out_dtype: torch.dtype) -> dict[Site, torch.Tensor]:
     results: dict[Site, torch.Tensor] = {}
 
     def reader(site: Site):
@@ -251,7 +250,7 @@ def _run_native(decoder: nn.Module, adapter, batch: _Batch, sites: Sequence[Site
     with site_hooks(adapter, hooks):
         stop_handle = adapter.block(deepest).register_forward_hook(stop)
         try:
-            decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
+            adapter.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
         except _StopForward:
             pass
         finally:
@@ -377,7 +376,7 @@ def capture(
             for _, batch_indices in chunks(order, batch_size):
                 batch = _make_batch([part[i] for i in batch_indices], [part_spans[i] for i in batch_indices], pad_id, padding_side, device)
                 if runner is None:
-                    reduced = _run_native(adapter.decoder, adapter, batch, parsed_sites, position, dtype)
+                    reduced = _run_native(adapter, batch, parsed_sites, position, dtype)
                 else:
                     full = runner.run(batch.input_ids, batch.attention_mask, batch.position_ids, parsed_sites)
                     reduced = {site: _reduce(full[site], batch, position, dtype) for site in parsed_sites}
@@ -385,7 +384,7 @@ def capture(
                     batch_parts[site.name].append(reduced[site])
                 bar.update(1)
             # Rows are in length-sorted order; one gather per site puts them back in input order.
-            sorted_counts = torch.tensor([spans_len(part_spans[i]) if position == "all" else 1 for i in order], dtype=torch.long)
+            sorted_counts = torch.tensor([_span_len(part_spans[i]) if position == "all" else 1 for i in order], dtype=torch.long)
             sorted_starts = torch.cumsum(sorted_counts, 0) - sorted_counts
             rank = torch.empty(len(order), dtype=torch.long)
             rank[torch.tensor(order)] = torch.arange(len(order))

@@ -75,9 +75,9 @@ class PairTemplates:
             "personalized_examples": ("{examples}",), "example": ("{text}",), "request": ("{prompt}",),
         }
         for name, fields in required.items():
-            for placeholder in fields:
-                if placeholder not in getattr(self, name):
-                    raise InputError(f"template {name!r} must contain {placeholder}")
+            for required in fields:
+                if required not in getattr(self, name):
+                    raise InputError(f"template {name!r} must contain {required}")
 
     def personalized(self, user: User, selected: Sequence[int], insights: str, prompt: str) -> list[dict[str, str]]:
         """The conversation that asks for ``user``'s personalised answer to ``prompt``."""

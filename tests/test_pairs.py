@@ -19,7 +19,7 @@ import torch
 
 from repedit.generation import GenerationSettings
 from repedit.io import InputError
-from repedit.pairs import REAL_HISTORY, SELF_GENERATED, Pair, PairTemplates, generate, read_pairs, select_representative
+from repedit.pairs import REAL_HISTORY, SELF_GENERATED, PairTemplates, generate, read_pairs, select_representative
 from repedit.userdata import User, demo_prompts, demo_users, read_prompts, read_users
 
 
@@ -101,7 +101,7 @@ def test_generate_rejects_bad_arguments():
     with pytest.raises(InputError, match="duplicate user ids: a"):
         generate(None, None, [user, user], ["p"])
     with pytest.raises(InputError, match="must contain \\{prompt\\}"):
-        PairTemplates(request="no placeholder")
+        PairTemplates(request="no prompt field")
 
 
 # ---------------------------------------------------------------- representative selection

@@ -7,15 +7,17 @@ HF ``hidden_states[L+1]``, llama.cpp ``direction.L``); it is stored in every sav
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..io import InputError, load_tensors, read_json, save_tensors, write_json
 from .operators import GATES, OPERATORS
+
+if TYPE_CHECKING:
+    from .apply import SteeringHandle
 
 FORMAT = "repedit.user_edit"
 FORMAT_VERSION = 1
@@ -181,7 +183,7 @@ class UserEdit:
 
     # ----------------------------------------------------------------- application
 
-    def apply(self, model) -> "contextlib.AbstractContextManager":
+    def apply(self, model) -> "SteeringHandle":
         """Hook this edit into ``model`` for every row; use as ``with edit.apply(model): model.generate(...)``.
 
         Returns a :class:`~repedit.steering.apply.SteeringHandle` (also usable without ``with``:

@@ -79,6 +79,24 @@ def _probe(args: argparse.Namespace) -> None:
     print(f"report -> {path}")
 
 
+def _fit(args: argparse.Namespace) -> None:
+    from .models import load_model
+    from .pairs import read_pairs
+    from .steering.fit import fit_user_edits, save_edits
+
+    pairs = read_pairs(args.pairs)
+    model, tokenizer = load_model(args.model)
+    positions = int(args.positions) if args.positions.isdigit() else args.positions
+    edits = fit_user_edits(
+        model, tokenizer, pairs, method=args.method, layers=args.layers, strength=args.strength,
+        neutral_strength=args.neutral_strength, positions=positions, batch_size=args.batch_size,
+    )
+    save_edits(edits, args.out)
+    for user_id, edit in edits.items():
+        print(f"{user_id}: {edit.method} at {', '.join(edit.sites)} from {edit.provenance['n_pairs']} pairs")
+    print(f"{len(edits)} edits -> {args.out}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -114,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--max-users", type=int, default=None, help="use only the first N users")
     pairs.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
     pairs.set_defaults(run=_pairs)
+
+    fit = commands.add_parser("fit", help="fit one steering edit per user from pairs (capture -> probes -> edit)")
+    fit.add_argument("--pairs", required=True, help="pairs JSONL/CSV (repedit pairs output, or your own)")
+    fit.add_argument("--out", required=True, help="output directory: <user>.safetensors + <user>.json, index.json")
+    fit.add_argument("--model", default="smollm2-135m-instruct", help="model alias, HF id, local folder or .gguf path")
+    fit.add_argument("--method", default="caa", choices=["caa", "pca", "chameleon", "stylevector"])
+    fit.add_argument("--layers", type=int, nargs="+", default=None, help="resid_post layers to edit (default: 40%% depth)")
+    fit.add_argument("--strength", type=float, default=1.0, help="strength a of each edit (1 = the fitted vector)")
+    fit.add_argument("--neutral-strength", type=float, default=1.0, help="strength b of the CHAMELEON projection-out")
+    fit.add_argument("--positions", default="all", help="all, prompt, generated, or a token index")
+    fit.add_argument("--batch-size", type=int, default=8)
+    fit.set_defaults(run=_fit)
 
     cap = commands.add_parser("capture", help="capture hidden states of inputs from a JSONL file")
     cap.add_argument("--inputs", required=True, help="JSONL: strings, or objects with 'text', 'messages', or 'prompt'+'response' (other fields kept as metadata)")

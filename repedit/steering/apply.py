@@ -83,9 +83,24 @@ class SteeringHandle:
         self.remove()
 
 
+# The parameters each operator reads; only these are packed and gathered per forward.
+_FIELDS = {
+    "add": ("vector",),  # packed as a·v, so the hook is a single gather-add
+    "project_out": ("direction", "basis", "b"),
+    "chameleon": ("basis", "direction", "a", "b"),
+    "clamp": ("direction", "target"),
+    "gated_add": ("vector", "direction", "a", "tau"),
+}
+
+
 def _pack(operator: str, entries: list[tuple[int, SiteEdit]], n_users: int, d_model: int) -> RowParams:
     """Tables with one row per user (+ row 0, zeros) for the edits ``entries`` = [(user index, edit)]."""
     rows = n_users + 1
+    if operator == "add":
+        vectors = torch.zeros(rows, d_model)
+        for i, e in entries:
+            vectors[i + 1] = e.a * e.vector
+        return RowParams(vector=vectors)
 
     def table(name: str) -> torch.Tensor | None:
         present = [(i, getattr(e, name)) for i, e in entries if getattr(e, name) is not None]
@@ -109,10 +124,11 @@ def _pack(operator: str, entries: list[tuple[int, SiteEdit]], n_users: int, d_mo
             out[i + 1] = getattr(e, name)
         return out
 
-    return RowParams(
-        vector=table("vector"), direction=table("direction"), basis=table("basis"),
-        a=scalars("a", 0.0), b=scalars("b", 0.0), target=scalars("target", 0.0), tau=scalars("tau", 1.0),
-    )
+    defaults = {"a": 0.0, "b": 0.0, "target": 0.0, "tau": 1.0}
+    return RowParams(**{
+        name: (table(name) if name in ("vector", "direction", "basis") else scalars(name, defaults[name]))
+        for name in _FIELDS[operator]
+    })
 
 
 def _to(params: RowParams, device: torch.device) -> RowParams:
@@ -210,8 +226,11 @@ def _make_hook(tables: list[_Table], rules, rows, batch_index, tracker: _Positio
         out = hidden
         for table in tables:
             index = table.index if table.index.numel() == batch else table.index.expand(batch)
-            params = RowParams(**{n: (v.index_select(0, index) if v is not None else None) for n, v in vars(table.params).items()})
-            edited = apply_operator(table.operator, out, params, table.gate)
+            if table.operator == "add":
+                edited = out + table.params.vector.index_select(0, index).to(out.dtype)[:, None, :]
+            else:
+                params = RowParams(**{n: (v.index_select(0, index) if v is not None else None) for n, v in vars(table.params).items()})
+                edited = apply_operator(table.operator, out, params, table.gate)
             if table.needs_row_mask or needs_positions:
                 mask = (index > 0)[:, None].expand(batch, hidden.shape[1])
                 if needs_positions:

@@ -198,27 +198,42 @@ def steer(model, edits: Sequence[UserEdit | None], rows: Sequence[int | None] | 
     return SteeringHandle(handles)
 
 
-def _position_mask(rules: list[Any], row_users: torch.Tensor, tracker: _Positions) -> torch.Tensor:
-    """``[B, T]`` bool: which tokens each row's user edits at this forward."""
-    positions = tracker.positions
-    prompt_len = tracker.prompt_len if tracker.prompt_len is not None else torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
-    masks = []
-    for b in range(positions.shape[0]):
-        user = int(row_users[b]) if row_users.numel() > 1 else int(row_users[0])
+_ALL, _PROMPT, _GENERATED, _FROM = range(4)
+
+
+def _row_rules(rules: list[Any], row_users: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row position rule as ``(kind [B], from_index [B])``, computed once when steering starts.
+
+    ``row_users[b]`` is 0 for a row without an edit, else 1 + the index of the row's edit.
+    """
+    kinds, starts = [], []
+    for user in row_users:
         rule = rules[user - 1] if user > 0 else "all"
-        pos = positions[b]
-        if rule == "all":
-            masks.append(torch.ones_like(pos, dtype=torch.bool))
-        elif rule == "prompt":
-            masks.append(pos < prompt_len[b])
-        elif rule == "generated":
-            masks.append(pos >= prompt_len[b])
-        else:
-            masks.append(pos >= int(rule))
-    return torch.stack(masks)
+        kinds.append({"all": _ALL, "prompt": _PROMPT, "generated": _GENERATED}.get(rule, _FROM) if isinstance(rule, str) else _FROM)
+        starts.append(int(rule) if not isinstance(rule, str) else 0)
+    return torch.tensor(kinds), torch.tensor(starts)
+
+
+def _position_mask(kinds: torch.Tensor, starts: torch.Tensor, tracker: _Positions) -> torch.Tensor:
+    """``[B, T]`` bool: which tokens each row's user edits at this forward (vectorised over rows)."""
+    positions = tracker.positions
+    batch = positions.shape[0]
+    kinds, starts = kinds.expand(batch)[:, None], starts.expand(batch)[:, None]
+    prompt_len = (tracker.prompt_len if tracker.prompt_len is not None else torch.zeros(batch, dtype=torch.long, device=positions.device))[:, None]
+    return (
+        (kinds == _ALL)
+        | ((kinds == _PROMPT) & (positions < prompt_len))
+        | ((kinds == _GENERATED) & (positions >= prompt_len))
+        | ((kinds == _FROM) & (positions >= starts))
+    )
 
 
 def _make_hook(tables: list[_Table], rules, rows, batch_index, tracker: _Positions, needs_positions: bool):
+    if needs_positions:
+        device = tables[0].index.device if tables else "cpu"
+        kinds, starts = _row_rules(rules, batch_index if batch_index is not None else [1])
+        kinds, starts = kinds.to(device), starts.to(device)
+
     def hook(hidden: torch.Tensor) -> torch.Tensor:
         batch = hidden.shape[0]
         if rows is not None and batch != len(rows):
@@ -234,8 +249,7 @@ def _make_hook(tables: list[_Table], rules, rows, batch_index, tracker: _Positio
             if table.needs_row_mask or needs_positions:
                 mask = (index > 0)[:, None].expand(batch, hidden.shape[1])
                 if needs_positions:
-                    row_users = torch.tensor(batch_index, device=hidden.device) if batch_index is not None else torch.ones(1, dtype=torch.long, device=hidden.device)
-                    mask = mask & _position_mask(rules, row_users, tracker).to(hidden.device)
+                    mask = mask & _position_mask(kinds, starts, tracker).to(hidden.device)
                 edited = torch.where(mask[..., None], edited, out)
             out = edited
         return out

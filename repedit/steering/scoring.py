@@ -1,0 +1,81 @@
+"""Teacher-forced scores under steering: the building blocks of layer/strength selection and evaluation.
+
+* :func:`response_logprobs` — mean log-probability (nats/token) of each response given its prompt,
+  optionally with a per-row edit: "how likely does the steered model find this user's own text?";
+* :func:`response_kl` — mean KL(unsteered ‖ steered) of the next-token distributions over each
+  response's tokens (nats/token): "how far did the edit move the model?", the fluency constraint.
+
+Prompts and responses are rendered as a user turn and an assistant turn with the chat template
+(:mod:`repedit.inputs`); only response tokens are scored. Rows are independent of their batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+
+from ..capture import _make_batch
+from ..inputs import chunks, encode
+from .apply import steer
+from .edit import UserEdit
+
+
+def _batches(tokenizer, prompts: Sequence[str], responses: Sequence[str], batch_size: int):
+    encoded = encode(tokenizer, list(zip(prompts, responses)))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start, part in chunks(encoded, batch_size):
+        yield start, part, _make_batch(part, [e.response_span for e in part], pad_id, "right")
+
+
+def _logits(model, batch, edits, rows, start: int, size: int) -> torch.Tensor:
+    context = steer(model, edits, list(rows[start:start + size])) if edits is not None else contextlib.nullcontext()
+    device = next(model.parameters()).device
+    with context, torch.no_grad():
+        return model(
+            input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+            position_ids=batch.position_ids.to(device), use_cache=False,
+        ).logits.float()
+
+
+def _response_positions(part) -> list[tuple[int, int]]:
+    # Token t is predicted by the logits at t-1; a response starting at token 0 has no prediction for it.
+    return [(max(e.response_span[0], 1) - 1, e.response_span[1] - 1) for e in part]
+
+
+def response_logprobs(
+    model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
+    edits: Sequence[UserEdit | None] | None = None, rows: Sequence[int | None] | None = None, batch_size: int = 8,
+) -> torch.Tensor:
+    """Mean log-probability per response token of each response given its prompt: ``[n]`` (nats).
+
+    With ``edits`` and ``rows`` (``rows[i]`` = index in ``edits`` for item ``i``, or ``None``), item
+    ``i`` is scored under its own edit — many users in one batch.
+    """
+    if edits is not None and (rows is None or len(rows) != len(prompts)):
+        raise ValueError("with edits, give rows: one edit index (or None) per prompt")
+    scores = torch.empty(len(prompts))
+    for start, part, batch in _batches(tokenizer, prompts, responses, batch_size):
+        logprobs = torch.log_softmax(_logits(model, batch, edits, rows, start, len(part)), dim=-1)
+        for row, (lo, hi) in enumerate(_response_positions(part)):
+            targets = batch.input_ids[row, lo + 1:hi + 1].to(logprobs.device)
+            scores[start + row] = logprobs[row, lo:hi].gather(-1, targets[:, None]).mean().cpu()
+    return scores
+
+
+def response_kl(
+    model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
+    edits: Sequence[UserEdit | None], rows: Sequence[int | None], batch_size: int = 8,
+) -> torch.Tensor:
+    """Mean KL(unsteered ‖ steered) per response token of each item: ``[n]`` (nats/token)."""
+    if len(rows) != len(prompts):
+        raise ValueError("give one edit index (or None) per prompt in rows")
+    values = torch.empty(len(prompts))
+    for start, part, batch in _batches(tokenizer, prompts, responses, batch_size):
+        plain = torch.log_softmax(_logits(model, batch, None, rows, start, len(part)), dim=-1)
+        steered = torch.log_softmax(_logits(model, batch, edits, rows, start, len(part)), dim=-1)
+        for row, (lo, hi) in enumerate(_response_positions(part)):
+            p, q = plain[row, lo:hi], steered[row, lo:hi]
+            values[start + row] = (p.exp() * (p - q)).sum(-1).mean().cpu()
+    return values

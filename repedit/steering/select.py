@@ -1,0 +1,102 @@
+"""Automatic layer and strength selection, per user, under a fluency constraint.
+
+For every candidate layer the edits are fitted once; for every strength multiplier each user's edit
+is scored on two teacher-forced measures (:mod:`repedit.steering.scoring`), all users in one batch:
+
+* **personalisation gain**: mean log-probability (nats/token) of the user's *held-out* texts given
+  their prompts, steered minus unsteered;
+* **fluency cost**: mean KL(unsteered ‖ steered) (nats/token) over neutral responses to neutral
+  prompts — how far the edit moves the model where it should not matter.
+
+Each user gets the (layer, strength) with the highest gain among those with KL ≤ ``max_kl``
+(default 0.05 nats/token); when no candidate has a positive gain within the limit the user stays
+unsteered (strength 0). The full grid is returned too, for effect-vs-strength figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..io import InputError
+from ..pairs import Pair
+from .edit import UserEdit
+from .fit import fit_user_edits
+from .scoring import response_kl, response_logprobs
+
+DEFAULT_MAX_KL = 0.05
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A user's held-out text and the prompt it answers (not used for fitting)."""
+
+    user_id: str
+    prompt: str
+    text: str
+
+
+@dataclass
+class Selection:
+    """Per-user choice and the whole grid.
+
+    ``choices[user]`` = ``{"layer", "strength", "gain", "kl"}`` (``layer`` None and ``strength`` 0
+    when steering did not help within the KL limit); ``edits[user]`` is the chosen edit (absent for
+    unsteered users); ``grid`` has one row per (user, layer, strength) with ``gain`` and ``kl``.
+    """
+
+    choices: dict[str, dict[str, Any]]
+    edits: dict[str, UserEdit]
+    grid: list[dict[str, Any]] = field(default_factory=list)
+    max_kl: float = DEFAULT_MAX_KL
+
+
+def select_layer_strength(
+    model, tokenizer, pairs: Sequence[Pair], held_out: Sequence[HeldOut], neutral: Sequence[tuple[str, str]], *,
+    method: str = "caa", layers: Sequence[int], strengths: Sequence[float] = (0.25, 0.5, 1.0, 2.0),
+    max_kl: float = DEFAULT_MAX_KL, batch_size: int = 16, progress: bool = False,
+) -> Selection:
+    """Sweep ``layers`` × ``strengths`` and pick, per user, the best gain with KL ≤ ``max_kl``.
+
+    Args:
+        pairs: training pairs (see :func:`repedit.steering.fit_user_edits`).
+        held_out: users' texts kept out of ``pairs``; every fitted user needs at least one.
+        neutral: ``(prompt, response)`` pairs of neutral text for the KL constraint.
+    """
+    if not layers or not strengths:
+        raise InputError("give at least one layer and one strength to sweep")
+    if not neutral:
+        raise InputError("the KL constraint needs neutral (prompt, response) pairs")
+    users_with_held_out = {h.user_id for h in held_out}
+    base = response_logprobs(model, tokenizer, [h.prompt for h in held_out], [h.text for h in held_out], batch_size=batch_size)
+    grid: list[dict[str, Any]] = []
+    best: dict[str, dict[str, Any]] = {}
+    best_edit: dict[str, UserEdit] = {}
+    for layer in layers:
+        fitted = fit_user_edits(model, tokenizer, pairs, method=method, layers=[layer], batch_size=batch_size, progress=progress)
+        missing = sorted(set(fitted) - users_with_held_out)
+        if missing:
+            raise InputError(f"no held-out texts for users {missing}: selection needs held-out data for every fitted user")
+        users = list(fitted)
+        for strength in strengths:
+            edits = [fitted[u] * strength for u in users]
+            index = {u: i for i, u in enumerate(users)}
+            rows = [index.get(h.user_id) for h in held_out]
+            steered = response_logprobs(model, tokenizer, [h.prompt for h in held_out], [h.text for h in held_out], edits=edits, rows=rows, batch_size=batch_size)
+            # KL: every neutral item under every user's edit, all in one set of batches.
+            kl_rows = [i for i in range(len(users)) for _ in neutral]
+            kl = response_kl(model, tokenizer, [p for _ in users for p, _ in neutral], [r for _ in users for _, r in neutral], edits=edits, rows=kl_rows, batch_size=batch_size)
+            for i, user in enumerate(users):
+                mine = torch.tensor([j for j, h in enumerate(held_out) if h.user_id == user])
+                gain = float((steered[mine] - base[mine]).mean())
+                user_kl = float(kl[i * len(neutral):(i + 1) * len(neutral)].mean())
+                grid.append({"user_id": user, "layer": layer, "strength": strength, "gain": gain, "kl": user_kl})
+                current = best.get(user)
+                if user_kl <= max_kl and gain > 0 and (current is None or gain > current["gain"]):
+                    best[user] = {"layer": layer, "strength": strength, "gain": gain, "kl": user_kl}
+                    best_edit[user] = edits[i]
+    users_seen = list(dict.fromkeys(row["user_id"] for row in grid))
+    choices = {u: best.get(u, {"layer": None, "strength": 0.0, "gain": 0.0, "kl": 0.0}) for u in users_seen}
+    return Selection(choices, best_edit, grid, max_kl)

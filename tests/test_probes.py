@@ -472,3 +472,21 @@ def test_default_model_separates_formal_from_casual(default_model_and_tokenizer)
         assert max(r.accuracy for r in rows) >= 0.9, [(r.layer, r.accuracy) for r in rows]
         assert all(r.control_accuracy <= 0.65 for r in rows), [(r.layer, r.control_accuracy) for r in rows]
     assert report.selected and report.selected[0]["selectivity"] >= 0.3
+
+
+def test_report_json_is_strict_json_even_with_infinite_margins(tmp_path):
+    import json
+    import math
+
+    from repedit.probes import ProbeReport, ProbeRow
+
+    report = ProbeReport([ProbeRow("resid_post.1", 1, "m", "*", 1.0, 0.0, 0.5, 0.5, math.inf, 4, 2)], [],
+                         [{"site": "resid_post.1", "margin": -math.inf}], "fp", "dh")
+    report.save(tmp_path)
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
+    loaded = ProbeReport.load(tmp_path)
+    assert loaded.rows[0].margin == math.inf and loaded.selected[0]["margin"] == -math.inf

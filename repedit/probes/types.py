@@ -4,6 +4,7 @@ vectors) per site, with metrics and provenance, saved as safetensors + JSON."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -135,6 +136,15 @@ def probes_json(probes: Sequence[Probe]) -> str:
 
 
 POOLED = "*"
+_NON_FINITE = ("inf", "-inf", "nan")
+
+
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def _unfinite(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, str) and v in _NON_FINITE else v) for k, v in row.items()}
 
 
 @dataclass(frozen=True)
@@ -176,12 +186,14 @@ class ProbeReport:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The numbers as plain JSON; non-finite floats (a d′ of ±inf) become the strings "inf"/"-inf"/"nan",
+        which strict JSON parsers accept and ``float()`` reads back."""
         from dataclasses import asdict
 
         return {
             "format": "repedit.probe_report", "version": FORMAT_VERSION, "model_fingerprint": self.model_fingerprint,
-            "data_hash": self.data_hash, "settings": self.settings, "selected": self.selected,
-            "rows": [asdict(r) for r in self.rows],
+            "data_hash": self.data_hash, "settings": self.settings, "selected": [_finite(s) for s in self.selected],
+            "rows": [_finite(asdict(r)) for r in self.rows],
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -198,6 +210,7 @@ class ProbeReport:
         if data.get("format") != "repedit.probe_report":
             raise InputError(f"{directory / 'report.json'}: not a repedit probe report (field 'format')")
         return cls(
-            rows=[ProbeRow(**r) for r in data["rows"]], probes=load_probes(directory), selected=data["selected"],
+            rows=[ProbeRow(**_unfinite(r)) for r in data["rows"]], probes=load_probes(directory),
+            selected=[_unfinite(s) for s in data["selected"]],
             model_fingerprint=data["model_fingerprint"], data_hash=data["data_hash"], settings=data.get("settings", {}),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from .io import InputError
@@ -87,10 +88,26 @@ def _fit(args: argparse.Namespace) -> None:
     pairs = read_pairs(args.pairs)
     model, tokenizer = load_model(args.model)
     positions = int(args.positions) if args.positions.isdigit() else args.positions
-    edits = fit_user_edits(
-        model, tokenizer, pairs, method=args.method, layers=args.layers, strength=args.strength,
-        neutral_strength=args.neutral_strength, positions=positions, batch_size=args.batch_size,
-    )
+    if args.auto:
+        from .io import write_json
+        from .steering.fit import default_layers
+        from .steering.select import select_layer_strength, split_for_selection
+
+        train, held_out, neutral = split_for_selection(pairs, args.held_out_fraction)
+        layers = args.layers or sorted({max(1, int(default_layers(model)[0] * f)) for f in (0.5, 0.75, 1.0, 1.25)})
+        selection = select_layer_strength(
+            model, tokenizer, train, held_out, neutral, method=args.method, layers=layers, strengths=args.strengths,
+            max_kl=args.max_kl, batch_size=args.batch_size,
+        )
+        edits = {user: dataclasses.replace(edit, positions=positions) for user, edit in selection.edits.items()}
+        write_json(f"{args.out}/selection.json", {"max_kl": selection.max_kl, "choices": selection.choices, "grid": selection.grid})
+        for user, choice in selection.choices.items():
+            print(f"{user}: layer {choice['layer']}, strength {choice['strength']}, held-out gain {choice['gain']:+.3f} nats/token, KL {choice['kl']:.3f}")
+    else:
+        edits = fit_user_edits(
+            model, tokenizer, pairs, method=args.method, layers=args.layers, strength=args.strength,
+            neutral_strength=args.neutral_strength, positions=positions, batch_size=args.batch_size,
+        )
     save_edits(edits, args.out)
     for user_id, edit in edits.items():
         print(f"{user_id}: {edit.method} at {', '.join(edit.sites)} from {edit.provenance['n_pairs']} pairs")
@@ -143,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--neutral-strength", type=float, default=1.0, help="strength b of the CHAMELEON projection-out")
     fit.add_argument("--positions", default="all", help="all, prompt, generated, or a token index")
     fit.add_argument("--batch-size", type=int, default=8)
+    fit.add_argument("--auto", action="store_true", help="choose layer and strength per user: best held-out gain with KL <= --max-kl")
+    fit.add_argument("--strengths", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0], help="strengths swept by --auto")
+    fit.add_argument("--max-kl", type=float, default=0.05, help="fluency limit for --auto: KL to the unsteered model, nats/token")
+    fit.add_argument("--held-out-fraction", type=float, default=0.3, help="share of each user's real-history pairs held out for --auto")
     fit.set_defaults(run=_fit)
 
     cap = commands.add_parser("capture", help="capture hidden states of inputs from a JSONL file")

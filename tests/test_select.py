@@ -58,3 +58,37 @@ def test_selection_needs_held_out_data_for_every_user(tiny_model, tokenizer):
         select_layer_strength(model, tokenizer, pairs, held[:1], NEUTRAL, layers=[1])
     with pytest.raises(InputError, match="neutral"):
         select_layer_strength(model, tokenizer, pairs, held, [], layers=[1])
+
+
+def test_split_for_selection_and_fit_auto_cli(tiny_model, tokenizer, tmp_path):
+    import json
+
+    from repedit.cli import main
+    from repedit.pairs import REAL_HISTORY
+    from repedit.steering import UserEdit
+    from repedit.steering.select import split_for_selection
+
+    pairs, _ = make_pairs()
+    pairs += [Pair(u, f"Question {i}?", f"{u} answer {i}", f"Neutral answer {i}.", "", REAL_HISTORY) for u in ("alice", "bob") for i in range(4)]
+    train, held, neutral = split_for_selection(pairs, 0.5)
+    assert [(h.user_id, h.text) for h in held] == [("alice", "alice answer 2"), ("alice", "alice answer 3"), ("bob", "bob answer 2"), ("bob", "bob answer 3")]
+    assert len(train) == len(pairs) - 4 and all((p.user_id, p.personalized) not in {(h.user_id, h.text) for h in held} for p in train)
+    assert len(neutral) == len({(p.prompt, p.neutral) for p in pairs})
+
+    model = tiny_model("llama")
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in pairs))
+    out = tmp_path / "edits"
+    args = ["fit", "--auto", "--pairs", str(pairs_file), "--out", str(out), "--model", str(folder), "--layers", "0", "1",
+            "--strengths", "0.5", "1", "--max-kl", "10", "--held-out-fraction", "0.5", "--positions", "generated"]
+    assert main(args) == 0
+    selection = json.loads((out / "selection.json").read_text())
+    assert len(selection["grid"]) == 2 * 2 * 2 and set(selection["choices"]) == {"alice", "bob"}
+    index = json.loads((out / "index.json").read_text())
+    for user in index["users"]:
+        choice = selection["choices"][user]
+        edit = UserEdit.load(out / user, model)
+        assert edit.positions == "generated" and edit.edits[0].site == f"resid_post.{choice['layer']}"

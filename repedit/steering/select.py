@@ -53,6 +53,29 @@ class Selection:
     max_kl: float = DEFAULT_MAX_KL
 
 
+def split_for_selection(pairs: Sequence[Pair], held_out_fraction: float = 0.3, max_neutral: int = 12) -> tuple[list[Pair], list[HeldOut], list[tuple[str, str]]]:
+    """Split pairs into ``(training pairs, held-out user texts, neutral (prompt, response) pairs)``.
+
+    The last ``held_out_fraction`` of each user's real-history pairs (at least one, if the user has
+    two or more) become held-out texts and leave the training set; the neutral set is the first
+    ``max_neutral`` distinct prompts' neutral responses.
+    """
+    if not 0 < held_out_fraction < 1:
+        raise InputError(f"held_out_fraction must be between 0 and 1, got {held_out_fraction}")
+    from ..pairs import REAL_HISTORY
+
+    held_keys: set[tuple[str, str, str]] = set()
+    held_out: list[HeldOut] = []
+    for user in dict.fromkeys(p.user_id for p in pairs):
+        real = [p for p in pairs if p.user_id == user and p.source == REAL_HISTORY]
+        n = max(1, int(round(len(real) * held_out_fraction))) if len(real) >= 2 else 0
+        for pair in real[len(real) - n:]:
+            held_keys.add(pair.key)
+            held_out.append(HeldOut(user, pair.prompt, pair.personalized))
+    neutral = list(dict.fromkeys((p.prompt, p.neutral) for p in pairs))[:max_neutral]
+    return [p for p in pairs if p.key not in held_keys], held_out, neutral
+
+
 def select_layer_strength(
     model, tokenizer, pairs: Sequence[Pair], held_out: Sequence[HeldOut], neutral: Sequence[tuple[str, str]], *,
     method: str = "caa", layers: Sequence[int], strengths: Sequence[float] = (0.25, 0.5, 1.0, 2.0),

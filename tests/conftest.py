@@ -128,3 +128,21 @@ def tiny_model():
         return cache[key]
 
     return factory
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path, tokenizer):
+    """A tiny llama saved as a local Hugging Face folder (weights + the default model's tokenizer): ``(folder, model)``."""
+    model = build_tiny_model("llama")
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, model
+
+
+def write_pairs_jsonl(path, pairs):
+    """Write ``repedit.pairs.Pair`` objects as the pairs JSONL the CLI reads; returns ``path``."""
+    import json
+
+    path.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in pairs))
+    return path

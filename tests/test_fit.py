@@ -15,6 +15,8 @@ from repedit.pairs import REAL_HISTORY, SELF_GENERATED, Pair
 from repedit.probes import capture_pairs
 from repedit.steering import UserEdit, fit_user_edits, save_edits
 
+from conftest import write_pairs_jsonl
+
 PROMPTS = ["Say hi.", "Describe the sea.", "Give advice.", "Name a colour."]
 
 
@@ -62,13 +64,9 @@ def test_stylevector_uses_real_history_only_and_chameleon_builds_subspace_edits(
         fit_user_edits(model, tokenizer, pairs, min_pairs=5, progress=False)
 
 
-def test_fit_cli_writes_loadable_edits(tiny_model, tokenizer, pairs, tmp_path):
-    model = tiny_model("llama")
-    folder = tmp_path / "tiny"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    pairs_file = tmp_path / "pairs.jsonl"
-    pairs_file.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in pairs))
+def test_fit_cli_writes_loadable_edits(tiny_folder, tokenizer, pairs, tmp_path):
+    folder, model = tiny_folder
+    pairs_file = write_pairs_jsonl(tmp_path / "pairs.jsonl", pairs)
     out = tmp_path / "edits"
     assert main(["fit", "--pairs", str(pairs_file), "--out", str(out), "--model", str(folder), "--layers", "1", "--strength", "3"]) == 0
     index = json.loads((out / "index.json").read_text())

@@ -15,17 +15,6 @@ from repedit.cli import main
 from repedit.io import InputError
 from repedit.models import default_gguf_path
 
-from conftest import build_tiny_model
-
-
-@pytest.fixture()
-def tiny_folder(tmp_path, tokenizer):
-    """A tiny llama saved as a local Hugging Face folder (weights + the default model's tokenizer)."""
-    model = build_tiny_model("llama")
-    folder = tmp_path / "tiny-llama"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder, model
 
 
 def test_load_model_from_local_folder(tiny_folder):

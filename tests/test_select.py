@@ -10,6 +10,8 @@ from repedit.steering import fit_user_edits
 from repedit.steering.scoring import response_logprobs
 from repedit.steering.select import HeldOut, select_layer_strength
 
+from conftest import write_pairs_jsonl
+
 PROMPTS = ["Say hi.", "Describe the sea.", "Give advice.", "Name a colour."]
 NEUTRAL = [("What is rain?", "Rain is water falling from clouds."), ("Define a chair.", "A chair is a seat for one person.")]
 
@@ -60,7 +62,7 @@ def test_selection_needs_held_out_data_for_every_user(tiny_model, tokenizer):
         select_layer_strength(model, tokenizer, pairs, held, [], layers=[1])
 
 
-def test_split_for_selection_and_fit_auto_cli(tiny_model, tokenizer, tmp_path):
+def test_split_for_selection_and_fit_auto_cli(tiny_folder, tmp_path):
     import json
 
     from repedit.cli import main
@@ -75,12 +77,8 @@ def test_split_for_selection_and_fit_auto_cli(tiny_model, tokenizer, tmp_path):
     assert len(train) == len(pairs) - 4 and all((p.user_id, p.personalized) not in {(h.user_id, h.text) for h in held} for p in train)
     assert len(neutral) == len({(p.prompt, p.neutral) for p in pairs})
 
-    model = tiny_model("llama")
-    folder = tmp_path / "tiny"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    pairs_file = tmp_path / "pairs.jsonl"
-    pairs_file.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in pairs))
+    folder, model = tiny_folder
+    pairs_file = write_pairs_jsonl(tmp_path / "pairs.jsonl", pairs)
     out = tmp_path / "edits"
     args = ["fit", "--auto", "--pairs", str(pairs_file), "--out", str(out), "--model", str(folder), "--layers", "0", "1",
             "--strengths", "0.5", "1", "--max-kl", "10", "--held-out-fraction", "0.5", "--positions", "generated"]

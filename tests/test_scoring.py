@@ -50,3 +50,18 @@ def test_per_row_edits_and_kl(tiny_model, tokenizer):
     torch.testing.assert_close(steered[:1], alone, atol=1e-5, rtol=1e-5)
     kl = response_kl(model, tokenizer, PROMPTS, RESPONSES, edits=[strong, zero], rows=rows)
     assert kl[0] > 1e-3 and abs(kl[1]) < 1e-6 and abs(kl[2]) < 1e-6
+
+
+def test_kl_with_a_precomputed_reference_equals_kl_without(tiny_model, tokenizer):
+    from repedit.steering.scoring import reference_logprobs
+
+    model = tiny_model("llama")
+    fp = repedit.model_fingerprint(model)
+    torch.manual_seed(1)
+    edit = UserEdit("a", [SiteEdit("resid_post.0", "add", vector=torch.randn(HIDDEN) * 2)], fp, HIDDEN)
+    rows = [0, None, 0]
+    direct = response_kl(model, tokenizer, PROMPTS, RESPONSES, edits=[edit], rows=rows, batch_size=2)
+    reference = reference_logprobs(model, tokenizer, PROMPTS, RESPONSES, batch_size=3)
+    cached = response_kl(model, tokenizer, PROMPTS, RESPONSES, edits=[edit], rows=rows, batch_size=2, reference=reference)
+    torch.testing.assert_close(cached, direct, atol=1e-5, rtol=1e-5)
+    assert direct[0] > 1e-3 and abs(direct[1]) < 1e-6

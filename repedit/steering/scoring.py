@@ -64,18 +64,40 @@ def response_logprobs(
     return scores
 
 
+def reference_logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int = 8) -> list[torch.Tensor]:
+    """Unsteered next-token log-probabilities at each response position: one ``[n_tokens_i, vocab]`` per item.
+
+    Pass them to :func:`response_kl` as ``reference`` when the same texts are compared against many
+    edits (a layer × strength sweep), so the unsteered forward runs once instead of once per edit.
+    """
+    reference: list[torch.Tensor] = []
+    for start, part, batch in _batches(tokenizer, prompts, responses, batch_size):
+        plain = torch.log_softmax(_logits(model, batch, None, None, start, len(part)), dim=-1)
+        reference.extend(plain[row, lo:hi].cpu() for row, (lo, hi) in enumerate(_response_positions(part)))
+    return reference
+
+
 def response_kl(
     model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
     edits: Sequence[UserEdit | None], rows: Sequence[int | None], batch_size: int = 8,
+    reference: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Mean KL(unsteered ‖ steered) per response token of each item: ``[n]`` (nats/token)."""
+    """Mean KL(unsteered ‖ steered) per response token of each item: ``[n]`` (nats/token).
+
+    ``reference``: the items' unsteered log-probabilities from :func:`reference_logprobs` (computed
+    here when not given).
+    """
     if len(rows) != len(prompts):
         raise ValueError("give one edit index (or None) per prompt in rows")
+    if reference is not None and len(reference) != len(prompts):
+        raise ValueError(f"reference has {len(reference)} items for {len(prompts)} prompts")
     values = torch.empty(len(prompts))
     for start, part, batch in _batches(tokenizer, prompts, responses, batch_size):
-        plain = torch.log_softmax(_logits(model, batch, None, rows, start, len(part)), dim=-1)
+        if reference is None:
+            plain = torch.log_softmax(_logits(model, batch, None, rows, start, len(part)), dim=-1)
         steered = torch.log_softmax(_logits(model, batch, edits, rows, start, len(part)), dim=-1)
         for row, (lo, hi) in enumerate(_response_positions(part)):
-            p, q = plain[row, lo:hi], steered[row, lo:hi]
+            p = reference[start + row].to(steered.device) if reference is not None else plain[row, lo:hi]
+            q = steered[row, lo:hi]
             values[start + row] = (p.exp() * (p - q)).sum(-1).mean().cpu()
     return values

@@ -24,7 +24,7 @@ from ..io import InputError
 from ..pairs import Pair
 from .edit import UserEdit
 from .fit import fit_user_edits
-from .scoring import response_kl, response_logprobs
+from .scoring import reference_logprobs, response_kl, response_logprobs
 
 DEFAULT_MAX_KL = 0.05
 
@@ -94,6 +94,8 @@ def select_layer_strength(
         raise InputError("the KL constraint needs neutral (prompt, response) pairs")
     users_with_held_out = {h.user_id for h in held_out}
     base = response_logprobs(model, tokenizer, [h.prompt for h in held_out], [h.text for h in held_out], batch_size=batch_size)
+    # The unsteered side of every KL in the sweep: computed once, shared by all users, layers and strengths.
+    neutral_reference = reference_logprobs(model, tokenizer, [p for p, _ in neutral], [r for _, r in neutral], batch_size=batch_size)
     grid: list[dict[str, Any]] = []
     best: dict[str, dict[str, Any]] = {}
     best_edit: dict[str, UserEdit] = {}
@@ -110,7 +112,10 @@ def select_layer_strength(
             steered = response_logprobs(model, tokenizer, [h.prompt for h in held_out], [h.text for h in held_out], edits=edits, rows=rows, batch_size=batch_size)
             # KL: every neutral item under every user's edit, all in one set of batches.
             kl_rows = [i for i in range(len(users)) for _ in neutral]
-            kl = response_kl(model, tokenizer, [p for _ in users for p, _ in neutral], [r for _ in users for _, r in neutral], edits=edits, rows=kl_rows, batch_size=batch_size)
+            kl = response_kl(
+                model, tokenizer, [p for _ in users for p, _ in neutral], [r for _ in users for _, r in neutral],
+                edits=edits, rows=kl_rows, batch_size=batch_size, reference=neutral_reference * len(users),
+            )
             for i, user in enumerate(users):
                 mine = torch.tensor([j for j, h in enumerate(held_out) if h.user_id == user])
                 gain = float((steered[mine] - base[mine]).mean())

@@ -148,9 +148,16 @@ def select_representative(reps: torch.Tensor, k: int) -> list[int]:
     return chosen
 
 
+def _sentence_ends(text: str, line_breaks: bool = False) -> list[int]:
+    """Character offsets just after each sentence end (``.``, ``!``, ``?`` before a space or the end;
+    optionally also line breaks)."""
+    pattern = r"[.!?](\s|$)|\n" if line_breaks else r"[.!?](\s|$)"
+    return [m.end() for m in re.finditer(pattern, text)]
+
+
 def _first_sentences(text: str, n: int) -> str:
     """The first ``n`` sentences of ``text`` (insights are asked to be two sentences; small models ramble)."""
-    ends = [m.end() for m in re.finditer(r"[.!?](\s|$)", text)]
+    ends = _sentence_ends(text)
     return text[: ends[n - 1]].strip() if len(ends) >= n else text.strip()
 
 
@@ -249,7 +256,7 @@ def _trim(generated: Generated) -> Generated:
     """Cut a response that hit ``max_new_tokens`` back to its last complete sentence (``finished`` if any remains)."""
     if generated.finished:
         return generated
-    ends = [m.end() for m in re.finditer(r"[.!?](\s|$)|\n", generated.text)]
+    ends = _sentence_ends(generated.text, line_breaks=True)
     if not ends:
         return generated
     return Generated(generated.text[: ends[-1]].strip(), True, generated.n_tokens)

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -107,3 +108,13 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
 def sha256_of(obj: Any) -> str:
     """Stable SHA-256 hex digest of a JSON-serialisable object (keys sorted)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_user_id(user_id: str) -> str:
+    """Return ``user_id`` if it can be a file name in a store (no separators, no traversal), else raise."""
+    if not isinstance(user_id, str) or not USER_ID_PATTERN.match(user_id) or user_id in (".", ".."):
+        raise InputError(f"user id {user_id!r} is not valid: use 1-128 letters, digits, '_', '.', '-', starting with a letter or digit")
+    return user_id

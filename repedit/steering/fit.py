@@ -18,14 +18,13 @@ method         edit at each chosen ``resid_post.L``
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ..arch import get_adapter
-from ..io import InputError, write_json
+from ..io import InputError, check_user_id, write_json
 from ..models import model_fingerprint
 from ..pairs import REAL_HISTORY, Pair
 from ..probes.data import PairData, capture_pairs
@@ -33,7 +32,6 @@ from ..probes.methods import ccs, diff_of_means, pca_of_differences, svd_subspac
 from .edit import SiteEdit, UserEdit
 
 FIT_METHODS: tuple[str, ...] = ("caa", "pca", "chameleon", "stylevector")
-_USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def default_layers(model) -> list[int]:
@@ -124,8 +122,7 @@ def save_edits(edits: dict[str, UserEdit], directory: str | Path) -> Path:
     """
     directory = Path(directory)
     for user_id, edit in edits.items():
-        if not _USER_ID.match(user_id) or user_id in (".", ".."):
-            raise InputError(f"user id {user_id!r} cannot be a file name: use letters, digits, '_', '.', '-' (no separators)")
+        check_user_id(user_id)
         edit.save(directory / user_id)
     write_json(directory / "index.json", {
         "format": "repedit.edits_index", "users": sorted(edits),

@@ -7,7 +7,8 @@ Accepted forms of one input item:
   chat template is applied;
 * a pair ``(prompt, response)`` or ``{"prompt": ..., "response": ...}`` — rendered as a user turn and
   an assistant turn with the chat template (plain concatenation when the tokenizer has none); the
-  *response span* covers the response's tokens only.
+  prompt may also be a whole conversation (e.g. a system message and the user's turn), which the
+  response then completes; the *response span* covers the response's tokens only.
 
 Each item becomes an :class:`Encoded` with its ``input_ids`` and two token spans, ``prompt`` and
 ``response`` (``[start, end)``); for plain texts and conversations the response span is empty.
@@ -51,20 +52,25 @@ def _render(tokenizer, item: Item, index: int) -> tuple[str, tuple[int, int] | N
         return tokenizer.apply_chat_template(item, tokenize=False), None, True
     if isinstance(item, dict) and "prompt" in item and "response" in item:
         prompt, response = item["prompt"], item["response"]
-    elif isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
+    elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], str) and (isinstance(item[0], str) or _is_conversation(item[0])):
         prompt, response = item
     else:
         raise InputError(
             f"input {index}: expected a text, a chat conversation (list of {{'role','content'}} dicts or "
             f"{{'messages': [...]}}), or a (prompt, response) pair / {{'prompt','response'}} dict; got {type(item).__name__}"
         )
-    if not isinstance(prompt, str) or not isinstance(response, str):
-        raise InputError(f"input {index}: 'prompt' and 'response' must be strings")
+    if _is_conversation(prompt) and isinstance(response, str):
+        # A whole conversation as the prompt (e.g. a system message, then the user's turn).
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError(f"input {index}: a conversation prompt needs a tokenizer with a chat template")
+        turns = list(prompt)
+    elif not isinstance(prompt, str) or not isinstance(response, str):
+        raise InputError(f"input {index}: 'prompt' (a string or a conversation) and 'response' (a string) are needed")
+    else:
+        turns = [{"role": "user", "content": prompt}]
     if getattr(tokenizer, "chat_template", None):
-        prefix = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
-        )
+        prefix = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response}], tokenize=False)
         start = len(prefix) if full.startswith(prefix) and full[len(prefix):].startswith(response) else full.rfind(response)
         if start < 0:
             raise InputError(f"input {index}: the chat template altered the response text; cannot locate its tokens")

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .capture import capture
+from .embedding import text_representations
 from .generation import Generated, GenerationSettings, generate_chat
 from .inputs import chunks
 from .io import InputError, read_json, read_jsonl, sha256_of, write_json
@@ -239,19 +240,6 @@ def _response_reps(model, tokenizer, prompts: Sequence[str], responses: Sequence
     return acts[f"resid_post.{layer}"]
 
 
-def _text_reps(model, tokenizer, texts: Sequence[str], layer: int, batch_size: int) -> torch.Tensor:
-    """Mean-pooled ``resid_post.layer`` of each text, ``[n, d_model]``, without token 0 where possible.
-
-    Token 0 is the attention sink (residual norm ~100x the others in many models) and would make all
-    means alike; single-token texts have nothing else, so then the whole text is used.
-    """
-    site = f"resid_post.{layer}"
-    try:
-        return capture(model, tokenizer, list(texts), sites=[site], position="mean", span=(1, None), batch_size=batch_size, progress=False)[site]
-    except InputError:
-        return capture(model, tokenizer, list(texts), sites=[site], position="mean", span="full", batch_size=batch_size, progress=False)[site]
-
-
 def _trim(generated: Generated) -> Generated:
     """Cut a response that hit ``max_new_tokens`` back to its last complete sentence (``finished`` if any remains)."""
     if generated.finished:
@@ -362,7 +350,7 @@ def generate(
     pending = [u for u in users if u.user_id not in state["insights"]]
     if pending:
         texts = [h.text for u in pending for h in u.history]
-        reps = _text_reps(model, tokenizer, texts, layer, settings.batch_size)
+        reps = text_representations(model, tokenizer, texts, layer, settings.batch_size)
         start = 0
         for user in pending:
             state["selected"][user.user_id] = select_representative(reps[start:start + len(user.history)], k)

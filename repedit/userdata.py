@@ -16,7 +16,7 @@ or an object with a ``prompt`` field (an ``id`` field is kept if present).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -147,3 +147,27 @@ def demo_users() -> list[User]:
 def demo_prompts() -> list[str]:
     """The built-in neutral prompts (see :func:`demo_prompts_path`)."""
     return read_prompts(demo_prompts_path())
+
+
+def split_history(users: list[User], n_test: int) -> tuple[list[User], list[tuple[str, HistoryItem]]]:
+    """Hold out each user's last ``n_test`` history items that have a prompt, for evaluation.
+
+    Returns ``(users without those items, [(user_id, held-out item), ...])``. Generate pairs and fit
+    edits on the first list only; evaluate on the second (``repedit pairs --hold-out N`` and
+    ``repedit eval --hold-out N`` use this same rule, so they agree on which items are unseen).
+    A user must keep at least one item: fewer than ``n_test + 1`` items with a prompt is an error.
+    """
+    if n_test < 0:
+        raise InputError(f"the number of held-out items must be ≥ 0, got {n_test}")
+    kept_users: list[User] = []
+    held_out: list[tuple[str, HistoryItem]] = []
+    for user in users:
+        with_prompt = [i for i, item in enumerate(user.history) if item.prompt is not None]
+        if n_test and len(with_prompt) < n_test + 1:
+            raise InputError(
+                f"user {user.user_id!r} has {len(with_prompt)} history items with a prompt; holding out {n_test} needs at least {n_test + 1}"
+            )
+        test = set(with_prompt[len(with_prompt) - n_test:]) if n_test else set()
+        held_out += [(user.user_id, user.history[i]) for i in sorted(test)]
+        kept_users.append(replace(user, history=tuple(item for i, item in enumerate(user.history) if i not in test)))
+    return kept_users, held_out

@@ -16,15 +16,14 @@ Every file is written atomically.
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import plotly.graph_objects as go
 
 from ..capture import Activations
-from ..io import atomic_write_text, write_json
+from ..htmlpage import Figures, esc, num_cell, write_page
+from ..io import write_json
 from .explain import logit_lens, top_texts
 from .plots import (
     accuracy_by_layer,
@@ -35,15 +34,6 @@ from .plots import (
 )
 from .types import POOLED, Direction, Probe, ProbeReport
 
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 24px auto; max-width: 1100px; color: #222; }
-h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
-table { border-collapse: collapse; margin: 8px 0 16px; font-size: 0.92em; }
-th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
-th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-code { background: #f6f6f6; padding: 0 3px; } .note { color: #666; font-size: 0.9em; }
-.pair { display: flex; gap: 24px; flex-wrap: wrap; } .pair > div { flex: 1 1 420px; }
-"""
 
 
 def item_texts(acts: Activations, max_chars: int = 300) -> list[str]:
@@ -72,32 +62,9 @@ def find_probe(probes: Sequence[Probe], site: str, method: str, user_id: str | N
     return None
 
 
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    return f'<td class="num">{value:.{digits}f}</td>' if isinstance(value, (int, float)) else f"<td>{_esc(value)}</td>"
-
-
 def _token(text: str) -> str:
     # JSON quoting makes leading spaces, newlines and empty tokens visible.
-    return f"<code>{_esc(json.dumps(text, ensure_ascii=False))}</code>"
-
-
-class _Figures:
-    """Renders figures to HTML fragments, embedding plotly.js with the first one only."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, figure: go.Figure, div_id: str) -> str:
-        fragment = figure.to_html(
-            full_html=False, include_plotlyjs=self.count == 0, div_id=div_id,
-            config={"displaylogo": False, "responsive": True},
-        )
-        self.count += 1
-        return f'<div class="figure">{fragment}</div>'
+    return f"<code>{esc(json.dumps(text, ensure_ascii=False))}</code>"
 
 
 def _selected_table(report: ProbeReport) -> str:
@@ -108,9 +75,9 @@ def _selected_table(report: ProbeReport) -> str:
     for rank, entry in enumerate(report.selected, start=1):
         user = user_key(entry.get("user_id"))
         body.append(
-            f"<tr><td>{rank}</td><td>{_esc(entry.get('site'))}</td><td>{_esc(entry.get('method'))}</td>"
-            f"<td>{'pooled' if user == POOLED else _esc(user)}</td>{_num(entry.get('accuracy'))}{_num(entry.get('selectivity'))}"
-            f"{_num(entry.get('margin'), 2)}</tr>"
+            f"<tr><td>{rank}</td><td>{esc(entry.get('site'))}</td><td>{esc(entry.get('method'))}</td>"
+            f"<td>{'pooled' if user == POOLED else esc(user)}</td>{num_cell(entry.get('accuracy'))}{num_cell(entry.get('selectivity'))}"
+            f"{num_cell(entry.get('margin'), 2)}</tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"
 
@@ -118,7 +85,7 @@ def _selected_table(report: ProbeReport) -> str:
 def _lens_table(lens: dict[str, Any]) -> str:
     rows = []
     for (up, up_value), (down, down_value) in zip(lens["promoted"], lens["suppressed"]):
-        rows.append(f"<tr><td>{_token(up)}</td>{_num(up_value, 2)}<td>{_token(down)}</td>{_num(down_value, 2)}</tr>")
+        rows.append(f"<tr><td>{_token(up)}</td>{num_cell(up_value, 2)}<td>{_token(down)}</td>{num_cell(down_value, 2)}</tr>")
     return (
         "<table><tr><th>promoted token</th><th>logit</th><th>suppressed token</th><th>logit</th></tr>"
         f"{''.join(rows)}</table>"
@@ -131,7 +98,7 @@ def _texts_table(found: dict[str, Any], acts: Activations) -> str:
         for text, score, index in entries:
             meta = acts.metadata[index] if index < len(acts.metadata) else {}
             label = {1: "personalised", 0: "neutral"}.get(meta.get("label"), "?")
-            out.append(f"<tr>{_num(score, 2)}<td>{_esc(label)}</td><td>{_esc(meta.get('user_id', '?'))}</td><td>{_esc(text)}</td></tr>")
+            out.append(f"<tr>{num_cell(score, 2)}<td>{esc(label)}</td><td>{esc(meta.get('user_id', '?'))}</td><td>{esc(text)}</td></tr>")
         return "".join(out)
 
     head = "<tr><th>score</th><th>label</th><th>user</th><th>text</th></tr>"
@@ -155,7 +122,7 @@ def _explanations(
             continue
         user = user_key(probe.user_id)
         record: dict[str, Any] = {"rank": rank, "site": probe.site, "method": probe.method, "user_id": user, "kind": probe.kind}
-        parts.append(f"<h3>#{rank}: {_esc(probe.method)} at {_esc(probe.site)} ({'pooled' if user == POOLED else 'user ' + _esc(user)})</h3>")
+        parts.append(f"<h3>#{rank}: {esc(probe.method)} at {esc(probe.site)} ({'pooled' if user == POOLED else 'user ' + esc(user)})</h3>")
         if model is not None:
             if isinstance(probe, Direction):
                 lens = logit_lens(probe, model, tokenizer, k=top_tokens)
@@ -216,19 +183,19 @@ def write_report(
         The path of ``report.html``.
     """
     out_dir = Path(out_dir)
-    figure = _Figures()
+    figure = Figures()
     users = sorted({row.user_id for row in report.rows if row.user_id != POOLED})
     methods = list(dict.fromkeys(row.method for row in report.rows))
     sections: list[str] = []
 
     summary = (
-        f"<table><tr><th>model</th><td><code>{_esc(report.model_fingerprint)}</code></td></tr>"
-        f"<tr><th>data</th><td><code>{_esc(report.data_hash)}</code>; {acts.n_items} items at {len(acts.sites)} sites "
-        f"({_esc(acts.position)}, span {_esc(acts.span)})</td></tr>"
-        f"<tr><th>methods</th><td>{_esc(', '.join(methods) or '(none)')}</td></tr>"
-        f"<tr><th>users</th><td>{len(users)} per-user evaluations{': ' + _esc(', '.join(users[:30])) if users else ''}"
+        f"<table><tr><th>model</th><td><code>{esc(report.model_fingerprint)}</code></td></tr>"
+        f"<tr><th>data</th><td><code>{esc(report.data_hash)}</code>; {acts.n_items} items at {len(acts.sites)} sites "
+        f"({esc(acts.position)}, span {esc(acts.span)})</td></tr>"
+        f"<tr><th>methods</th><td>{esc(', '.join(methods) or '(none)')}</td></tr>"
+        f"<tr><th>users</th><td>{len(users)} per-user evaluations{': ' + esc(', '.join(users[:30])) if users else ''}"
         f"{' …' if len(users) > 30 else ''}</td></tr>"
-        f"<tr><th>settings</th><td><code>{_esc(json.dumps(report.settings, sort_keys=True, default=str))}</code></td></tr></table>"
+        f"<tr><th>settings</th><td><code>{esc(json.dumps(report.settings, sort_keys=True, default=str))}</code></td></tr></table>"
         '<p class="note">Accuracy is held out over group-aware folds (all pairs of one prompt on one side); the control '
         "is the same probe trained on labels shuffled within pairs, so selectivity = accuracy − control measures what the "
         "site encodes beyond what any probe can memorise.</p>"
@@ -242,7 +209,7 @@ def write_report(
     best_site, best_method = _best_site(report)
     if best_site is not None and best_site in acts:
         sections.append(
-            f"<h2>Pairs at {_esc(best_site)}</h2>"
+            f"<h2>Pairs at {esc(best_site)}</h2>"
             '<p class="note">2-D PCA of every item at the best site; grey segments join the two responses of a pair.</p>'
             + figure(pairs_scatter(acts, best_site, "label"), "scatter-label")
             + figure(pairs_scatter(acts, best_site, "user"), "scatter-user")
@@ -275,15 +242,9 @@ def write_report(
         '<p class="note">Files: <code>report.json</code> (every number), <code>probes.safetensors</code> + <code>probes.json</code> '
         "(the probes; load with <code>ProbeReport.load</code>), <code>explain.json</code> (the explanations).</p>"
     )
-    page = (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
-        f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>{''.join(sections)}</body></html>\n"
-    )
     report.save(out_dir)
     write_json(out_dir / "explain.json", records)
-    path = out_dir / "report.html"
-    atomic_write_text(path, page)
-    return path
+    return write_page(out_dir / "report.html", title, sections)
 
 
 def _slug(text: str) -> str:

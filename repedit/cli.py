@@ -33,6 +33,10 @@ def _pairs(args: argparse.Namespace) -> None:
     from .userdata import demo_prompts_path, demo_users_path, read_prompts, read_users
 
     users = read_users(demo_users_path() if args.users == "demo" else args.users)[: args.max_users]
+    if args.hold_out:
+        from .userdata import split_history
+
+        users, _ = split_history(users, args.hold_out)  # keep them unseen for `repedit eval --hold-out`
     prompts = read_prompts(demo_prompts_path() if args.prompts == "demo" else args.prompts)[: args.max_prompts]
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
@@ -114,6 +118,44 @@ def _fit(args: argparse.Namespace) -> None:
     print(f"{len(edits)} edits -> {args.out}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .embedding import default_embedder, minilm_embedder, model_embedder
+    from .generation import GenerationSettings
+    from .io import read_json
+    from .models import load_model
+    from .pairs import read_pairs
+    from .steering.edit import UserEdit
+    from .steering.eval_report import write_eval_report
+    from .steering.evaluation import EVAL_SETTINGS, eval_inputs, evaluate_users
+    from .userdata import demo_users_path, read_users
+
+    users = read_users(demo_users_path() if args.users == "demo" else args.users)
+    inputs = eval_inputs(users, read_pairs(args.pairs), args.hold_out)
+    edits_dir = Path(args.edits)
+    index = read_json(edits_dir / "index.json")
+    model, tokenizer = load_model(args.model)
+    edits = {user: UserEdit.load(edits_dir / user, model=model) for user in index.get("users", [])}
+    embedder = {"auto": lambda: default_embedder(model, tokenizer), "minilm": minilm_embedder,
+                "model": lambda: model_embedder(model, tokenizer)}[args.embedder]()
+    selection = read_json(edits_dir / "selection.json") if (edits_dir / "selection.json").exists() else {}
+    settings = GenerationSettings(**{**EVAL_SETTINGS.to_dict(), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size})
+    evaluation = evaluate_users(
+        model, tokenizer, inputs.test_items, edits, insights=inputs.insights, history=inputs.history, neutral=inputs.neutral,
+        embedder=embedder, factors=args.factors, settings=settings, max_kl=selection.get("max_kl", args.max_kl),
+    )
+    path = write_eval_report(evaluation, args.out, grid=selection.get("grid"))
+    s = evaluation.summary
+    for user, metrics in evaluation.per_user.items():
+        print(f"{user}: held-out loglik unsteered {metrics['unsteered']['loglik']:.3f}, prompt-only {metrics['prompt_only']['loglik']:.3f}, "
+              f"steered {metrics['steered']['loglik']:.3f} (KL {metrics['steered']['kl']:.3f}); style margin "
+              f"{metrics['unsteered']['style_margin']:+.3f} / {metrics['prompt_only']['style_margin']:+.3f} / {metrics['steered']['style_margin']:+.3f}")
+    print(f"steered beats unsteered on held-out log-likelihood for {s['steered']['users_loglik_better']}/{s['n_users']} users "
+          f"(mean {s['steered']['loglik_gain']:+.3f} nats/token), prompt-only for {s['prompt_only']['users_loglik_better']}/{s['n_users']}")
+    print(f"report -> {path}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -146,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--near-duplicate", type=float, default=0.995, help="drop pairs whose responses' hidden-state cosine exceeds this")
     pairs.add_argument("--truncated", default="drop", choices=["drop", "trim"], help="drop pairs cut at max-new-tokens, or trim them to the last full sentence")
     pairs.add_argument("--no-real-history", action="store_true", help="skip real-history (StyleVector) pairs")
+    pairs.add_argument("--hold-out", type=int, default=0, help="leave each user's last N history items with a prompt out (for repedit eval)")
     pairs.add_argument("--max-users", type=int, default=None, help="use only the first N users")
     pairs.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
     pairs.set_defaults(run=_pairs)
@@ -165,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-kl", type=float, default=0.05, help="fluency limit for --auto: KL to the unsteered model, nats/token")
     fit.add_argument("--held-out-fraction", type=float, default=0.3, help="share of each user's real-history pairs held out for --auto")
     fit.set_defaults(run=_fit)
+
+    ev = commands.add_parser("eval", help="held-out evaluation per user: unsteered vs prompt-only vs steered; JSON + HTML report")
+    ev.add_argument("--pairs", required=True, help="the pairs the edits were fitted on (made with repedit pairs --hold-out N)")
+    ev.add_argument("--edits", required=True, help="edits directory (repedit fit [--auto] output)")
+    ev.add_argument("--users", required=True, help="the users JSONL the pairs were made from, or 'demo'")
+    ev.add_argument("--hold-out", type=int, default=3, help="the N of repedit pairs --hold-out: each user's last N items with a prompt")
+    ev.add_argument("--out", required=True, help="output directory: eval.json + eval.html")
+    ev.add_argument("--model", default="smollm2-135m-instruct", help="model alias, HF id, local folder or .gguf path")
+    ev.add_argument("--embedder", default="auto", choices=["auto", "minilm", "model"], help="style embedder (auto: MiniLM if installed)")
+    ev.add_argument("--factors", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0], help="strength factors for effect vs strength")
+    ev.add_argument("--max-kl", type=float, default=0.05, help="fluency limit (nats/token) when the edits directory has no selection.json")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.set_defaults(run=_eval)
 
     cap = commands.add_parser("capture", help="capture hidden states of inputs from a JSONL file")
     cap.add_argument("--inputs", required=True, help="JSONL: strings, or objects with 'text', 'messages', or 'prompt'+'response' (other fields kept as metadata)")

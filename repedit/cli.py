@@ -254,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--pooled-only", action="store_true", help="skip the per-user evaluations")
     probe.add_argument("--model", default=None, help="the model the activations come from: enables the logit lens in the report")
     probe.set_defaults(run=_probe)
+
+    from .store_cli import add_commands as add_store_commands
+
+    add_store_commands(commands)  # `repedit store ...` and `repedit export gguf` (repedit/store_cli.py)
     return parser
 
 

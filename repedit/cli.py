@@ -156,6 +156,16 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"report -> {path}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from .serve.app import run_server
+    from .serve.protocol import Limits
+
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+                    default_temperature=args.default_temperature)
+    run_server(args.model, args.store, host=args.host, port=args.port, tokens=args.tokens, served_name=args.served_name, limits=limits,
+               max_batch_size=args.max_batch_size, batch_window=args.batch_window_ms / 1000, log_level=args.log_level)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -258,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     from .store_cli import add_commands as add_store_commands
 
     add_store_commands(commands)  # `repedit store ...` and `repedit export gguf` (repedit/store_cli.py)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible server (/v1/chat/completions) steering each request with its user's edit")
+    serve.add_argument("--model", default="smollm2-135m-instruct", help="model alias, HF id, local folder or .gguf path")
+    serve.add_argument("--store", default=None, help="vector store directory (repedit fit output); without it every request is unsteered")
+    serve.add_argument("--tokens", default=None, help="JSON file {bearer token: [user ids] or \"*\"}; without it no authentication")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-name", default=None, help="model id clients send (default: --model)")
+    serve.add_argument("--max-batch-size", type=int, default=64, help="most requests decoded together")
+    serve.add_argument("--batch-window-ms", type=float, default=5.0, help="how long an idle server waits to batch requests arriving together")
+    serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    serve.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    serve.add_argument("--default-temperature", type=float, default=0.0, help="temperature when a request gives none (0 = greedy)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(run=_serve)
     return parser
 
 

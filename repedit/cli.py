@@ -167,19 +167,37 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo import DemoSettings, run_demo
 
-    run_demo(args.model, args.out, position=args.position)
+    settings = DemoSettings(
+        n_prompts=args.n_prompts, hold_out=args.hold_out, pair_tokens=args.pair_tokens, probe_every=args.probe_every,
+        layers=tuple(args.layers), strengths=tuple(args.strengths), max_kl=args.max_kl, eval_tokens=args.eval_tokens,
+    )
+    run_demo(args.model, args.out, settings)
+
+
+def _demo_defaults():
+    from .demo import DemoSettings
+
+    return DemoSettings()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repedit", description="Representation editing for per-user LLM personalisation.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="run the main job on the embedded default model and write an HTML report")
+    demo = commands.add_parser("demo", help="the main job: the whole pipeline on the demo users and the default model, one HTML report; resumable")
     demo.add_argument("--model", default="smollm2-135m-instruct", help="model alias, HF id, local folder or .gguf path")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    demo.add_argument("--position", default="mean", choices=["last", "mean"])
+    defaults = _demo_defaults()
+    demo.add_argument("--n-prompts", type=int, default=defaults.n_prompts, help="self-generated pairs per user")
+    demo.add_argument("--hold-out", type=int, default=defaults.hold_out, help="history items per user kept unseen for evaluation")
+    demo.add_argument("--pair-tokens", type=int, default=defaults.pair_tokens, help="max new tokens of generated pair answers")
+    demo.add_argument("--probe-every", type=int, default=defaults.probe_every, help="probe every n-th resid_post layer")
+    demo.add_argument("--layers", type=int, nargs="+", default=list(defaults.layers), help="layers swept by the selection")
+    demo.add_argument("--strengths", type=float, nargs="+", default=list(defaults.strengths), help="strengths swept by the selection")
+    demo.add_argument("--max-kl", type=float, default=defaults.max_kl, help="fluency limit, nats/token")
+    demo.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens, help="max new tokens of evaluation answers")
     demo.set_defaults(run=_demo)
 
     pairs = commands.add_parser("pairs", help="self-generate per-user preference pairs (personalised vs neutral); resumable")

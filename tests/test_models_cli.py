@@ -1,10 +1,8 @@
-"""Model loading (alias, local folder, .gguf path, cache) and the `repedit capture` / `repedit demo` CLI."""
+"""Model loading (alias, local folder, .gguf path, cache) and the `repedit capture` CLI."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -86,11 +84,3 @@ def test_gguf_path_is_dequantised_once_then_cached(tmp_path, monkeypatch, defaul
         assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
-@pytest.mark.default_model
-def test_demo_command_writes_the_pca_report(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "repedit", "demo", "--out", str(tmp_path / "demo")], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    html = (tmp_path / "demo" / "pca_by_layer.html").read_text()
-    assert "resid_post.29" in html and "plotly" in html.lower() and len(html) > 1_000_000  # plotly.js embedded: opens offline
-    acts = repedit.Activations.load(tmp_path / "demo" / "activations")
-    assert acts.n_items == 64 and len(acts.sites) == 30

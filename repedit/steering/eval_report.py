@@ -129,11 +129,8 @@ def _samples(evaluation: Evaluation, per_user: int = 1) -> str:
     return "".join(blocks)
 
 
-def write_eval_report(evaluation: Evaluation, out_dir: str | Path, *, grid: Sequence[dict[str, Any]] | None = None, title: str = "repedit: held-out evaluation") -> Path:
-    """Write ``eval.json`` and ``eval.html`` into ``out_dir``; returns the HTML path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    figure = Figures()
+def eval_sections(evaluation: Evaluation, figure: Figures, *, grid: Sequence[dict[str, Any]] | None = None) -> list[str]:
+    """The report's HTML sections (summary, metrics, effect vs strength, selection sweep, samples)."""
     sections = [
         "<h2>Summary</h2>" + _summary(evaluation),
         "<h2>Held-out metrics per user</h2>" + _metrics_table(evaluation),
@@ -146,5 +143,12 @@ def write_eval_report(evaluation: Evaluation, out_dir: str | Path, *, grid: Sequ
     if grid:
         sections.append("<h2>Layer and strength selection</h2>" + figure(selection_sweep(grid, evaluation.max_kl), "eval-selection"))
     sections.append("<h2>Sample answers</h2>" + _samples(evaluation))
+    return sections
+
+
+def write_eval_report(evaluation: Evaluation, out_dir: str | Path, *, grid: Sequence[dict[str, Any]] | None = None, title: str = "repedit: held-out evaluation") -> Path:
+    """Write ``eval.json`` and ``eval.html`` into ``out_dir``; returns the HTML path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     evaluation.save(out_dir / "eval.json")
-    return write_page(out_dir / "eval.html", title, sections)
+    return write_page(out_dir / "eval.html", title, eval_sections(evaluation, Figures(), grid=grid))

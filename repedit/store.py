@@ -230,13 +230,13 @@ class VectorStore:
             txn = Transaction(self.directory, index, int(old.get("generation", 0)) + 1)
             try:
                 yield txn
+                new = self._finish_index(txn.index, txn.generation)
+                write_json(self.directory / "index.json", new)  # the commit: an atomic rename
             except BaseException:
                 for base in txn.written:
                     for suffix in _SUFFIXES:
                         (self.directory / (base + suffix)).unlink(missing_ok=True)
                 raise
-            new = self._finish_index(txn.index, txn.generation)
-            write_json(self.directory / "index.json", new)
             self._collect_garbage(old_refs, new)
 
     @staticmethod

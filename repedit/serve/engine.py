@@ -10,10 +10,13 @@ finish (end-of-turn token, ``max_tokens``, cancelled), so a long answer never ho
 A row's greedy tokens equal offline generation (``model.generate`` through
 :func:`repedit.generation.generate_batch`) with that user's edit: the same prefill (position ids from
 the attention mask, logits of the last token only), the same per-step inputs, and padding that is
-masked out; rows of a batch never see each other. Failures stay local: a forward that raises fails
-only the rows that were in it; a row whose logits are not finite fails alone; the worker keeps
-running. The engine must be the only user of the model while it runs (steering hooks are
-model-wide).
+masked out; rows of a batch never see each other (equal up to float rounding, as any batching).
+Sliding-window caches cannot be merged: for such models new requests wait for the running batch.
+
+Failures stay local: a prefill that raises is retried one request at a time, so only the request
+that breaks it fails; a decode step that raises fails the rows running in it; a row whose logits
+are not finite fails alone; the worker keeps running. The engine must be the only user of the model
+while it runs (steering hooks are model-wide).
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ class GenerationRequest:
 @dataclass(eq=False)
 class _Row:
     request: GenerationRequest
+    counts: dict[str, int]  # the engine's counters
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     finished: bool = False
@@ -123,6 +127,7 @@ class _Row:
     def emit(self, event: Event) -> None:
         if isinstance(event, (Done, Failed)):
             self.finished = True
+            self.counts["failed" if isinstance(event, Failed) else "cancelled" if event.reason == "cancelled" else "finished"] += 1
         try:
             self.request.on_event(event)
         except Exception:  # a broken listener must not take the worker down
@@ -159,7 +164,11 @@ class Engine:
         self._next: torch.Tensor | None = None
         self._handle = None  # steering hooks for the running batch's composition
         self._continuous: bool | None = None  # can new rows join a running batch (plain KV caches)?
-        self.steps = 0  # decode forwards run (for tests and /health)
+        # Counters for /health and tests: decode forwards, requests admitted into a running batch,
+        # the largest batch seen, and how requests ended.
+        self.counts = {"steps": 0, "joined_running_batch": 0, "peak_batch": 0, "finished": 0, "failed": 0, "cancelled": 0}
+        self._submitted = 0
+        self._submit_lock = threading.Lock()
 
     # ----------------------------------------------------------------- public API
 
@@ -185,13 +194,18 @@ class Engine:
         """Queue ``request`` (thread-safe). Raises :class:`EngineClosed` or :class:`Overloaded`."""
         if not self.alive or self._stop.is_set():
             raise EngineClosed("the generation engine is not running")
-        try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            raise Overloaded(f"too many requests waiting ({self._queue.maxsize}); retry later") from None
+        with self._submit_lock:
+            try:
+                self._queue.put_nowait(request)
+            except queue.Full:
+                raise Overloaded(f"too many requests waiting ({self._queue.maxsize}); retry later") from None
+            self._submitted += 1
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self._rows), "waiting": self._queue.qsize(), "steps": self.steps}
+        """Rows running now, requests waiting, requests submitted and not yet ended (``in_flight``), and
+        the counters (see ``counts``). ``in_flight == 0`` and ``running == 0``: idle, no hooks on the model."""
+        ended = self.counts["finished"] + self.counts["failed"] + self.counts["cancelled"]
+        return {"running": len(self._rows), "waiting": self._queue.qsize(), "in_flight": self._submitted - ended, **self.counts}
 
     # ----------------------------------------------------------------- worker
 
@@ -210,7 +224,7 @@ class Engine:
         self._fail_running("the server is shutting down", cancelled=True)
         while True:
             try:
-                _Row(self._queue.get_nowait()).emit(Done("cancelled", 0, 0))
+                _Row(self._queue.get_nowait(), self.counts).emit(Done("cancelled", 0, 0))
             except queue.Empty:
                 break
 
@@ -238,7 +252,7 @@ class Engine:
         live = []
         for request in taken:
             if request.cancelled.is_set():
-                _Row(request).emit(Done("cancelled", len(request.prompt_ids), 0))
+                _Row(request, self.counts).emit(Done("cancelled", len(request.prompt_ids), 0))
             else:
                 live.append(request)
         return live
@@ -258,7 +272,7 @@ class Engine:
         from transformers import DynamicCache
 
         self._release_handle()  # the running batch's hooks must not see the prefill forward
-        rows = [_Row(r, generator=_generator(r.params)) for r in requests]
+        rows = [_Row(r, self.counts, generator=_generator(r.params)) for r in requests]
         ids, mask = left_pad([list(r.prompt_ids) for r in requests], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as model.generate does
@@ -267,6 +281,10 @@ class Engine:
             with self._steer(rows):
                 logits = self._forward(ids, mask, position_ids, cache).logits[:, -1, :]
         except Exception as err:  # only these requests were in the forward
+            if len(requests) > 1:  # admit them one by one, so that only the request that fails fails
+                for request in requests:
+                    self._admit([request])
+                return
             log.exception("prefill failed")
             for row in rows:
                 row.emit(Failed(f"generation failed: {type(err).__name__}: {err}"))
@@ -284,11 +302,13 @@ class Engine:
             if self._continuous:
                 mask = trim_left(cache, mask)
         if self._rows:
+            self.counts["joined_running_batch"] += len(rows)
             self._cache, self._mask = merge_caches(self._cache, self._mask, cache, mask)
             self._next = torch.cat([self._next, tokens])
             self._rows = self._rows + rows
         else:
             self._cache, self._mask, self._next, self._rows = cache, mask, tokens, rows
+        self.counts["peak_batch"] = max(self.counts["peak_batch"], len(self._rows))
         self._release_handle()
 
     def _decode(self) -> None:
@@ -304,7 +324,7 @@ class Engine:
             log.exception("decode step failed")
             self._fail_running(f"generation failed: {type(err).__name__}: {err}")
             return
-        self.steps += 1
+        self.counts["steps"] += 1
         self._next = self._choose(rows, logits)
         keep = [i for i, row in enumerate(rows) if not row.finished]
         if len(keep) == len(rows):

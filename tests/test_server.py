@@ -1,0 +1,501 @@
+"""The OpenAI-compatible server: real HTTP on loopback (uvicorn in a thread, httpx and the openai client).
+
+Oracle for every generated text: offline generation (``repedit.generation.generate_chat``) with the
+user's edit applied through ``edit.apply(model)`` — a different code path (``model.generate``) from
+the server's own decode loop. Offline outputs are computed while the server is idle, because
+steering hooks are model-wide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+import repedit
+from repedit.generation import GenerationSettings, generate_chat, render_chat
+from repedit.io import InputError
+from repedit.serve import BackgroundServer, Done, Engine, Failed, GenerationRequest, Limits, SamplingParams, ServerConfig, TextAssembler, Tokens, create_app, read_tokens
+from repedit.steering import SiteEdit, UserEdit, save_edits
+
+from conftest import HIDDEN, build_tiny_model
+
+PROMPTS = ["How can I sleep better?", "Suggest a weekend activity.", "Explain compound interest.", "What is a good breakfast?",
+           "Tell me a joke.", "Write a haiku about rain.", "How do plants grow?", "Give me a tip for learning Python."]
+NAME = "tiny"
+
+
+def chat(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def offline(model, tokenizer, prompts, edit, max_tokens, **settings) -> list[str]:
+    """The oracle: offline batched generation of ``prompts`` with ``edit`` (or unsteered)."""
+    gen = GenerationSettings(max_new_tokens=max_tokens, batch_size=len(prompts), **settings)
+    with (edit.apply(model) if edit is not None else contextlib.nullcontext()):
+        return [g.text for g in generate_chat(model, tokenizer, [chat(p) for p in prompts], gen, progress=False)]
+
+
+def wait_idle(engine: Engine, timeout: float = 30.0) -> None:
+    """Wait until every submitted request has ended and the batch is empty (its hooks are off the model)."""
+    deadline = time.monotonic() + timeout
+    while (stats := engine.stats())["in_flight"] or stats["running"]:
+        assert time.monotonic() < deadline, "the engine did not become idle"
+        time.sleep(0.01)
+
+
+def body(prompt: str, user: str | None = None, max_tokens: int = 8, **extra) -> dict:
+    out = {"model": NAME, "messages": chat(prompt), "max_tokens": max_tokens, "temperature": 0, **extra}
+    if user is not None:
+        out["user"] = user
+    return out
+
+
+def sse_text(response: httpx.Response) -> tuple[str, list[dict]]:
+    """Concatenated content deltas and all decoded SSE events of a streamed response."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            events.append(json.loads(line[6:]))
+    text = "".join(c["delta"].get("content") or "" for e in events for c in e.get("choices", []))
+    return text, events
+
+
+# ----------------------------------------------------------------- tiny-model server
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer, tmp_path_factory):
+    """A tiny llama with a store of three users (+ one whose edit overflows to inf) and a tokens file."""
+    model = build_tiny_model("llama", seed=3)
+    fp = repedit.model_fingerprint(model)
+    torch.manual_seed(0)
+    edits = {u: UserEdit(u, [SiteEdit("resid_post.1", "add", vector=torch.randn(HIDDEN) * 2.0)], fp, HIDDEN) for u in ("alice", "bob", "carol")}
+    # 10 x 3e38 overflows float32: this user's hidden states become inf, its logits NaN.
+    edits["overflow"] = UserEdit("overflow", [SiteEdit("resid_post.0", "add", vector=torch.full((HIDDEN,), 3e38), a=10.0)], fp, HIDDEN)
+    store = save_edits(edits, tmp_path_factory.mktemp("store"))
+    tokens = tmp_path_factory.mktemp("auth") / "tokens.json"
+    tokens.write_text(json.dumps({"tok-alice": ["alice"], "tok-all": "*"}))
+    return model, tokenizer, edits, store, tokens
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    model, tokenizer, edits, store, tokens = tiny
+    config = ServerConfig(NAME, Limits(max_body_bytes=20_000, max_tokens=64, default_max_tokens=8), read_tokens(tokens), max_batch_size=8, batch_window=0.05)
+    app = create_app(model, tokenizer, store, config)
+    with BackgroundServer(app) as running:
+        running.engine = app.state.engine
+        yield running
+
+
+def client(server, token: str | None = "tok-all") -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=server.url, headers=headers, timeout=60, limits=httpx.Limits(max_connections=64))
+
+
+def test_health_and_models(server):
+    with client(server) as c:
+        health = c.get("/health").json()
+        assert health["status"] == "ok" and health["model"] == NAME
+        listed = c.get("/v1/models").json()
+        assert [m["id"] for m in listed["data"]] == [NAME]
+        assert c.get(f"/v1/models/{NAME}").json()["id"] == NAME
+        assert c.get("/v1/models/other").status_code == 404
+    with client(server, token=None) as anonymous:
+        assert anonymous.get("/health").status_code == 200  # health needs no token
+        assert anonymous.get("/v1/models").status_code == 401
+
+
+def test_concurrent_users_match_offline_and_share_batches(server, tiny):
+    """Requests of several users (and unsteered ones) at once, some streamed: each equals offline."""
+    model, tokenizer, edits, _, _ = tiny
+    users = ["alice", "bob", "carol", None]
+    expected = {u: offline(model, tokenizer, PROMPTS, edits[u] if u else None, 10) for u in users}
+    assert sum(expected[u] != expected[None] for u in users[:3]) >= 2  # the edits change the answers
+    jobs = [(u, i, i % 3 == 0) for u in users for i in range(len(PROMPTS))]
+    before = server.engine.stats()
+
+    def send(job):
+        user, i, stream = job
+        with client(server) as c:
+            if stream:
+                with c.stream("POST", "/v1/chat/completions", json=body(PROMPTS[i], user, 10, stream=True)) as r:
+                    assert r.status_code == 200
+                    return sse_text(r)[0]
+            r = c.post("/v1/chat/completions", json=body(PROMPTS[i], user, 10))
+            assert r.status_code == 200, r.text
+            assert r.headers["x-repedit-steered"] == ("true" if user else "false")
+            return r.json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(send, jobs))
+    for (user, i, stream), answer in zip(jobs, answers):
+        assert answer == expected[user][i], f"user {user}, prompt {i}, stream {stream}"
+    after = server.engine.stats()
+    assert after["peak_batch"] >= 4  # batched together, not one request at a time
+    assert after["steps"] - before["steps"] < len(jobs) * 10  # fewer forwards than one request at a time
+
+
+def test_engine_admits_requests_into_a_running_batch(tiny):
+    """Continuous batching: requests that arrive while others decode join them; outputs = offline."""
+    model, tokenizer, edits, _, _ = tiny
+    fp = repedit.model_fingerprint(model)
+    torch.manual_seed(5)
+    edits = {**edits,  # position rules too: the edit on generated tokens only, or from token 20 on
+             "gen": UserEdit("gen", [SiteEdit("resid_post.1", "add", vector=torch.randn(HIDDEN) * 3)], fp, HIDDEN, positions="generated"),
+             "from20": UserEdit("from20", [SiteEdit("resid_post.0", "add", vector=torch.randn(HIDDEN) * 3)], fp, HIDDEN, positions=20)}
+    plan = [(PROMPTS[i], ["alice", "gen", None, "from20"][i % 4]) for i in range(8)]
+    expected = [offline(model, tokenizer, [p], edits[u] if u else None, 16)[0] for p, u in plan]
+    engine = Engine(model, tokenizer, max_batch_size=3, batch_window=0.0).start()
+    results: list[list[int]] = [[] for _ in plan]
+    ends: list = [None] * len(plan)
+
+    def listener(i):
+        def on_event(event):
+            if isinstance(event, Tokens):
+                results[i].extend(event.ids)
+            else:
+                ends[i] = event
+        return on_event
+
+    try:
+        for i, (prompt, user) in enumerate(plan):
+            engine.submit(GenerationRequest(render_chat(tokenizer, chat(prompt)), edits[user] if user else None, SamplingParams(max_tokens=16 - (i % 4)), listener(i)))
+            time.sleep(0.003 * (i % 3))
+        wait_idle(engine)
+    finally:
+        engine.close()
+    assert engine.counts["joined_running_batch"] > 0 and engine.counts["peak_batch"] <= 3
+    for i, (prompt, user) in enumerate(plan):
+        assert isinstance(ends[i], Done)
+        text = tokenizer.decode(results[i], skip_special_tokens=True).strip()
+        assert expected[i].startswith(text) and len(results[i]) == ends[i].completion_tokens
+        if ends[i].reason == "length":
+            assert len(results[i]) == 16 - (i % 4)
+    full = [i for i in range(len(plan)) if i % 4 == 0]
+    assert all(tokenizer.decode(results[i], skip_special_tokens=True).strip() == expected[i] for i in full)
+
+
+def test_sliding_window_model_falls_back_to_whole_batches(tokenizer):
+    """Gemma 2 has sliding-window layers: no cache merging, but the same outputs as offline."""
+    model = build_tiny_model("gemma2", seed=1)
+    fp = repedit.model_fingerprint(model)
+    edit = UserEdit("g", [SiteEdit("resid_post.1", "add", vector=torch.randn(HIDDEN) * 3)], fp, HIDDEN)
+    expected = offline(model, tokenizer, PROMPTS[:4], edit, 6)
+    engine = Engine(model, tokenizer, max_batch_size=8, batch_window=0.0).start()
+    got: list[list[int]] = [[] for _ in range(4)]
+    try:
+        for i in range(4):
+            engine.submit(GenerationRequest(render_chat(tokenizer, chat(PROMPTS[i])), edit, SamplingParams(max_tokens=6),
+                                            lambda e, i=i: got[i].extend(e.ids) if isinstance(e, Tokens) else None))
+            time.sleep(0.01)
+        wait_idle(engine)
+    finally:
+        engine.close()
+    assert engine._continuous is False and engine.counts["joined_running_batch"] == 0
+    assert [tokenizer.decode(g, skip_special_tokens=True).strip() for g in got] == expected
+
+
+def test_auth_token_cannot_steer_as_another_user(server):
+    with client(server, "tok-alice") as c:
+        assert c.post("/v1/chat/completions", json=body("Hi", "alice")).status_code == 200
+        refused = c.post("/v1/chat/completions", json=body("Hi", "bob"))
+        assert refused.status_code == 403 and "bob" in refused.json()["error"]["message"]
+        # the header route is checked the same way, and a body/header mismatch is refused
+        assert c.post("/v1/chat/completions", json=body("Hi"), headers={"X-Repedit-User": "bob"}).status_code == 403
+        assert c.post("/v1/chat/completions", json=body("Hi", "alice"), headers={"X-Repedit-User": "bob"}).status_code == 400
+        # an unknown user is still another user: 403 before 404, also with the unsteered fallback
+        assert c.post("/v1/chat/completions", json=body("Hi", "nobody", unknown_user="unsteered")).status_code == 403
+        unsteered = c.post("/v1/chat/completions", json=body("Hi"))
+        assert unsteered.status_code == 200 and unsteered.headers["x-repedit-steered"] == "false"
+    with client(server, None) as c:
+        missing = c.post("/v1/chat/completions", json=body("Hi", "alice"))
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    with client(server, "wrong") as c:
+        assert c.post("/v1/chat/completions", json=body("Hi", "alice")).status_code == 401
+
+
+def test_store_changes_apply_without_a_restart(server, tiny):
+    model, tokenizer, edits, store, _ = tiny
+    with client(server) as c:
+        assert c.post("/v1/chat/completions", json=body(PROMPTS[5], "dave")).status_code == 404
+        dave = UserEdit("dave", [SiteEdit("resid_post.1", "add", vector=torch.ones(HIDDEN) * 4)], repedit.model_fingerprint(model), HIDDEN)
+        save_edits({**edits, "dave": dave}, store)
+        answer = c.post("/v1/chat/completions", json=body(PROMPTS[5], "dave"))
+        assert answer.status_code == 200 and answer.headers["x-repedit-steered"] == "true"
+    wait_idle(server.engine)
+    assert answer.json()["choices"][0]["message"]["content"] == offline(model, tokenizer, [PROMPTS[5]], dave, 8)[0]
+
+
+def test_unknown_user_is_404_unless_unsteered_is_asked_for(server, tiny):
+    model, tokenizer, _, _, _ = tiny
+    with client(server) as c:
+        missing = c.post("/v1/chat/completions", json=body(PROMPTS[0], "nobody"))
+        assert missing.status_code == 404
+        error = missing.json()["error"]
+        assert error["code"] == "user_not_found" and "nobody" in error["message"] and "unsteered" in error["message"]
+        fallback = c.post("/v1/chat/completions", json=body(PROMPTS[0], "nobody", unknown_user="unsteered"))
+        assert fallback.status_code == 200 and fallback.headers["x-repedit-steered"] == "false"
+    wait_idle(server.engine)
+    assert fallback.json()["choices"][0]["message"]["content"] == offline(model, tokenizer, [PROMPTS[0]], None, 8)[0]
+
+
+@pytest.mark.parametrize("payload, status, needle", [
+    ({"messages": [{"role": "user", "content": "x"}]}, 400, "'model'"),
+    ({"model": NAME}, 400, "'messages'"),
+    ({"model": NAME, "messages": []}, 400, "'messages'"),
+    ({"model": NAME, "messages": "hello"}, 400, "'messages'"),
+    ({"model": NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ({"model": NAME, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ({"model": NAME, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, "text part"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "'max_tokens' must be between 1 and 64"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 65}, 400, "'max_tokens' must be between 1 and 64"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": "8"}, 400, "integer"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": True}, 400, "integer"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, 400, "'temperature' must be in [0.0, 2.0]"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "temperature": -0.1}, 400, "'temperature'"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "'top_p'"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "'n'"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "stop": [""]}, 400, "'stop'"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "user": "../etc"}, 400, "user id"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_token": 5}, 400, "unsupported field(s): max_token"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "x"}], "unknown_user": "maybe"}, 400, "unknown_user"),
+    ({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}, 404, "gpt-4o"),
+    ([1, 2], 400, "JSON object"),
+])
+def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, payload, status, needle):
+    with client(server) as c:
+        response = c.post("/v1/chat/completions", json=payload)
+        assert response.status_code == status, response.text
+        assert needle in response.json()["error"]["message"]
+        assert c.post("/v1/chat/completions", json=body("Hi", "alice", 2)).status_code == 200
+
+
+def test_body_size_bad_json_and_unknown_routes(server):
+    with client(server) as c:
+        big = body("x" * 30_000, "alice")
+        too_big = c.post("/v1/chat/completions", json=big)
+        assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+        chunked = c.post("/v1/chat/completions", content=iter([b"{" + b" " * 15_000, b" " * 15_000 + b"}"]))  # no content-length
+        assert chunked.status_code == 413
+        bad = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+        assert c.get("/v1/nothing").status_code == 404 and "error" in c.get("/v1/nothing").json()
+        assert c.post("/v1/chat/completions", json=body("Hi", "bob", 2)).status_code == 200
+
+
+def test_context_limit(server, tiny):
+    context = tiny[0].config.max_position_embeddings
+    with client(server) as c:
+        response = c.post("/v1/chat/completions", json=body("word " * (context - 20), "alice", 64))
+        assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_failing_request_fails_alone(server, tiny):
+    """A user whose edit makes the logits NaN gets a 500; concurrent requests are unaffected."""
+    model, tokenizer, edits, _, _ = tiny
+    expected = offline(model, tokenizer, PROMPTS[:6], edits["carol"], 8)
+    jobs = [("overflow", 0)] + [("carol", i) for i in range(6)] + [("overflow", 1)]
+
+    def send(job):
+        with client(server) as c:
+            return c.post("/v1/chat/completions", json=body(PROMPTS[job[1]], job[0], 8))
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        responses = list(pool.map(send, jobs))
+    for (user, i), response in zip(jobs, responses):
+        if user == "overflow":
+            assert response.status_code == 500 and "non-finite" in response.json()["error"]["message"]
+        else:
+            assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == expected[i]
+    with client(server) as c:
+        assert c.get("/health").json()["status"] == "ok"
+
+
+def test_a_forward_that_raises_fails_only_its_requests(tiny):
+    """Model errors: a prefill that raises fails only the request that breaks it (the others are
+    re-admitted one by one); a decode step that raises fails its rows; the worker keeps going."""
+    model, tokenizer, edits, _, _ = tiny
+    poison = render_chat(tokenizer, chat("Please poison the well"))
+    others = {t for p in PROMPTS[:4] for t in render_chat(tokenizer, chat(p))}
+    marker = next(t for t in poison if t not in others)  # a token that only the poison prompt has
+    state = {"fail_decode": False}
+
+    def pre_hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if (ids == marker).any() or (state["fail_decode"] and ids.shape[1] == 1):
+            raise RuntimeError("injected failure")
+
+    expected = offline(model, tokenizer, PROMPTS[:4], edits["alice"], 6)
+    handle = model.model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    engine = Engine(model, tokenizer, max_batch_size=8, batch_window=0.2).start()
+    events: dict[int, list] = {i: [] for i in range(6)}
+    try:
+        prompts = [poison] + [render_chat(tokenizer, chat(p)) for p in PROMPTS[:4]]
+        for i, ids in enumerate(prompts):  # all within the batch window: one prefill batch
+            engine.submit(GenerationRequest(ids, edits["alice"], SamplingParams(max_tokens=6), events[i].append))
+        wait_idle(engine)
+        state["fail_decode"] = True
+        engine.submit(GenerationRequest(prompts[1], None, SamplingParams(max_tokens=6), events[5].append))
+        wait_idle(engine)
+        state["fail_decode"] = False
+        later: list = []
+        engine.submit(GenerationRequest(prompts[1], edits["alice"], SamplingParams(max_tokens=6), later.append))
+        wait_idle(engine)
+        assert engine.alive
+    finally:
+        engine.close()
+        handle.remove()
+    assert isinstance(events[0][-1], Failed) and "injected failure" in events[0][-1].message
+    for i in range(1, 5):
+        assert isinstance(events[i][-1], Done)
+        ids = [t for e in events[i] if isinstance(e, Tokens) for t in e.ids]
+        assert tokenizer.decode(ids, skip_special_tokens=True).strip() == expected[i - 1]
+    assert isinstance(events[5][-1], Failed) and sum(isinstance(e, Tokens) for e in events[5]) == 1  # prefill ok, decode failed
+    assert isinstance(later[-1], Done)
+
+
+def test_streaming_equals_non_streaming_with_usage_and_stop(server):
+    with client(server) as c:
+        plain = c.post("/v1/chat/completions", json=body(PROMPTS[4], "bob", 24)).json()
+        text = plain["choices"][0]["message"]["content"]
+        with c.stream("POST", "/v1/chat/completions", json=body(PROMPTS[4], "bob", 24, stream=True, stream_options={"include_usage": True})) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            streamed, events = sse_text(r)
+        assert streamed == text
+        assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert events[-2]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+        assert events[-1]["choices"] == [] and events[-1]["usage"] == plain["usage"]
+        # a stop string that occurs in the answer: the text ends before it, streamed or not
+        assert len(text) > 6
+        stop = text[3:6]
+        cut = text[: text.find(stop)].strip()
+        stopped = c.post("/v1/chat/completions", json=body(PROMPTS[4], "bob", 24, stop=[stop])).json()
+        assert stopped["choices"][0]["message"]["content"] == cut and stopped["choices"][0]["finish_reason"] == "stop"
+        with c.stream("POST", "/v1/chat/completions", json=body(PROMPTS[4], "bob", 24, stop=stop, stream=True)) as r:
+            assert sse_text(r)[0] == cut
+
+
+def test_text_assembler_deltas_add_up_to_the_final_text(tokenizer):
+    """Oracle: decode(all ids).strip() cut at the first stop string; multi-byte characters split over tokens."""
+    text = "  Héllo 🙌🏽 wörld!!  \n\n and 日本語 text  "
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for stop in [(), ("🙌",), ("rld", "xyz"), ("nothing here",)]:
+        assembler = TextAssembler(tokenizer, stop)
+        deltas = [assembler.add([t]) for t in ids] + [assembler.finish()]
+        full = tokenizer.decode(ids, skip_special_tokens=True)
+        cuts = [full.find(s) for s in stop if full.find(s) >= 0]
+        expected = (full[: min(cuts)] if cuts else full).strip()
+        assert "".join(deltas) == expected == assembler.text
+        assert assembler.stopped == bool(cuts)
+        assert all("\ufffd" not in d for d in deltas)
+
+
+def test_sampling_is_repeatable_per_seed_whatever_the_batch(server):
+    with client(server) as c:
+        def ask(seed):
+            request = body(PROMPTS[1], "alice", 12, temperature=1.0, top_p=0.9, seed=seed)
+            return c.post("/v1/chat/completions", json=request).json()["choices"][0]["message"]["content"]
+
+        alone = ask(7)
+        with ThreadPoolExecutor(4) as pool:  # the same seed inside a batch with other requests
+            together = list(pool.map(ask, [7, 8, 9, 7]))
+        assert together[0] == together[3] == alone
+        assert len({alone, *together[1:3]}) > 1
+
+
+def test_repetition_penalty_matches_offline(server, tiny):
+    model, tokenizer, edits, _, _ = tiny
+    with client(server) as c:
+        answer = c.post("/v1/chat/completions", json=body(PROMPTS[2], "alice", 16, repetition_penalty=1.3)).json()
+    wait_idle(server.engine)
+    assert answer["choices"][0]["message"]["content"] == offline(model, tokenizer, [PROMPTS[2]], edits["alice"], 16, repetition_penalty=1.3)[0]
+
+
+def test_client_disconnect_cancels_the_row(server):
+    before = server.engine.stats()["cancelled"]
+    with client(server) as c:
+        with c.stream("POST", "/v1/chat/completions", json=body(PROMPTS[0], "alice", 64, stream=True)) as r:
+            next(r.iter_lines())
+    deadline = time.monotonic() + 10
+    while server.engine.stats()["cancelled"] == before:
+        assert time.monotonic() < deadline, "the disconnected stream's row was not cancelled"
+        time.sleep(0.01)
+
+
+def test_openai_client_example(server, tiny):
+    """The README's call pattern with the official openai package."""
+    from openai import OpenAI, PermissionDeniedError
+
+    model, tokenizer, edits, _, _ = tiny
+    client_ = OpenAI(base_url=f"{server.url}/v1", api_key="tok-all")
+    reply = client_.chat.completions.create(model=NAME, messages=chat(PROMPTS[3]), user="alice", max_tokens=8, temperature=0)
+    streamed = client_.chat.completions.create(model=NAME, messages=chat(PROMPTS[3]), user="alice", max_tokens=8, temperature=0, stream=True)
+    text = "".join(part.choices[0].delta.content or "" for part in streamed if part.choices)
+    fallback = client_.chat.completions.create(model=NAME, messages=chat(PROMPTS[3]), user="nobody", max_tokens=8, extra_body={"unknown_user": "unsteered"})
+    assert [m.id for m in client_.models.list()] == [NAME]
+    with pytest.raises(PermissionDeniedError):
+        OpenAI(base_url=f"{server.url}/v1", api_key="tok-alice").chat.completions.create(model=NAME, messages=chat("Hi"), user="bob")
+    wait_idle(server.engine)
+    assert reply.choices[0].message.content == text == offline(model, tokenizer, [PROMPTS[3]], edits["alice"], 8)[0]
+    assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens == len(render_chat(tokenizer, chat(PROMPTS[3])))
+    assert fallback.choices[0].message.content == offline(model, tokenizer, [PROMPTS[3]], None, 8)[0]
+
+
+def test_tokens_file_and_limits_are_checked(tmp_path):
+    path = tmp_path / "tokens.json"
+    for bad in ["[]", "{}", '{"t": "alice"}', '{"t": ["../x"]}', '{"a b": ["alice"]}']:
+        path.write_text(bad)
+        with pytest.raises(InputError):
+            read_tokens(path)
+    path.write_text('{"t1": ["alice", "bob"], "t2": "*"}')
+    assert read_tokens(path) == {"t1": frozenset({"alice", "bob"}), "t2": None}
+    with pytest.raises(InputError):
+        Limits(max_tokens=8, default_max_tokens=16)
+    with pytest.raises(InputError):
+        SamplingParams(max_tokens=0)
+
+
+# ----------------------------------------------------------------- the real default model
+
+@pytest.mark.default_model
+def test_default_model_32_concurrent_requests_for_8_users_equal_offline(default_model_and_tokenizer, tmp_path):
+    model, tokenizer = default_model_and_tokenizer
+    fp = repedit.model_fingerprint(model)
+    torch.manual_seed(0)
+    # Stylevector-like edits: random directions at resid_post.12 with ~0.3 x the residual norm there (~100).
+    edits = {f"user{u}": UserEdit(f"user{u}", [SiteEdit("resid_post.12", "add", vector=torch.nn.functional.normalize(torch.randn(576), dim=0) * 30)], fp, 576)
+             for u in range(8)}
+    store = save_edits(edits, tmp_path / "store")
+    jobs = [(f"user{u}", (u + k) % len(PROMPTS)) for u in range(8) for k in range(4)]
+    expected = {}
+    for user in edits:
+        indices = [i for u, i in jobs if u == user]
+        expected.update(zip([(user, i) for i in indices], offline(model, tokenizer, [PROMPTS[i] for i in indices], edits[user], 12)))
+    unsteered = offline(model, tokenizer, PROMPTS, None, 12)
+    assert sum(expected[job] != unsteered[job[1]] for job in jobs) >= len(jobs) // 2  # the edits really steer
+
+    app = create_app(model, tokenizer, store, ServerConfig("smollm2", max_batch_size=64, batch_window=0.05))
+    with BackgroundServer(app) as running, httpx.Client(base_url=running.url, timeout=300, limits=httpx.Limits(max_connections=64)) as c:
+        def send(job):
+            request = {"model": "smollm2", "messages": chat(PROMPTS[job[1]]), "user": job[0], "max_tokens": 12, "temperature": 0}
+            if jobs.index(job) % 2:
+                with c.stream("POST", "/v1/chat/completions", json={**request, "stream": True}) as r:
+                    assert r.status_code == 200
+                    return sse_text(r)[0]
+            r = c.post("/v1/chat/completions", json=request)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(send, jobs))
+        stats = app.state.engine.stats()
+    for job, answer in zip(jobs, answers):
+        assert answer == expected[job], job
+    assert stats["peak_batch"] >= 8 and stats["finished"] == len(jobs)

@@ -267,6 +267,9 @@ class VectorStore:
 
     def put_many(self, edits: Sequence[UserEdit], *, replace_existing: bool = False, weights: Sequence[float | None] | None = None) -> None:
         """Store several edits in one atomic write (all or none)."""
+        ids = [e.user_id for e in edits]
+        if len(set(ids)) != len(ids):
+            raise InputError(f"several edits for one user: {sorted({i for i in ids if ids.count(i) > 1})}")
         with self.transaction() as txn:
             clash = sorted(e.user_id for e in edits if e.user_id in txn.index["entries"])
             if clash and not replace_existing:
@@ -359,9 +362,9 @@ class VectorStore:
                     raise InputError(f"user {user!r} has no running statistics to decay (not a caa/stylevector edit fitted from pairs)")
 
     def forget(self, user_id: str) -> None:
-        """Delete the user completely: every file of theirs and their index entry. In a compressed
-        store the shared basis is refitted on the remaining users, so that it no longer has the
-        forgotten user's vector as one of its directions (see :mod:`repedit.store_compress`)."""
+        """Delete the user completely: every file of theirs and their index entry. If their vector
+        contributed to the store's shared basis, the basis is refitted on the remaining compressed
+        users, so that it no longer has that vector as one of its directions (see :mod:`repedit.store_compress`)."""
         check_user_id(user_id)
         with self.transaction() as txn:
             entry = txn.index["entries"].pop(user_id, None)
@@ -378,13 +381,6 @@ class VectorStore:
         from .store_compress import compress_store
 
         return compress_store(self, k, model=model, tokenizer=tokenizer, prompts=prompts)
-
-    def total_bytes(self) -> int:
-        """Bytes of every file the index refers to (plus the index itself)."""
-        index = self._index()
-        bases = {self._entry(index, u)["file"] for u in index.get("users", [])} | ({index["basis"]} if index.get("basis") else set())
-        return (self.directory / "index.json").stat().st_size + sum(
-            (self.directory / (b + s)).stat().st_size for b in bases for s in _SUFFIXES if (self.directory / (b + s)).exists())
 
 
 def file_bytes(directory: Path, base: str) -> tuple[int, int]:

@@ -170,7 +170,7 @@ def _demo(args: argparse.Namespace) -> None:
     from .demo import DemoSettings, run_demo
 
     settings = DemoSettings(
-        n_prompts=args.n_prompts, hold_out=args.hold_out, pair_tokens=args.pair_tokens, probe_every=args.probe_every,
+        n_users=args.n_users, n_prompts=args.n_prompts, hold_out=args.hold_out, pair_tokens=args.pair_tokens, probe_every=args.probe_every,
         layers=tuple(args.layers), strengths=tuple(args.strengths), max_kl=args.max_kl, eval_tokens=args.eval_tokens,
     )
     run_demo(args.model, args.out, settings)
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="smollm2-135m-instruct", help="model alias, HF id, local folder or .gguf path")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     defaults = _demo_defaults()
+    demo.add_argument("--n-users", type=int, default=defaults.n_users, help="use the first N demo users")
     demo.add_argument("--n-prompts", type=int, default=defaults.n_prompts, help="self-generated pairs per user")
     demo.add_argument("--hold-out", type=int, default=defaults.hold_out, help="history items per user kept unseen for evaluation")
     demo.add_argument("--pair-tokens", type=int, default=defaults.pair_tokens, help="max new tokens of generated pair answers")

@@ -43,6 +43,7 @@ from .userdata import demo_prompts, demo_users, split_history
 class DemoSettings:
     """Settings of the demo run (small enough for ≤ 15 minutes on a 2-core CPU)."""
 
+    n_users: int = 8  # the first n demo users
     n_prompts: int = 12  # self-generated pairs per user (the neutral prompt set)
     hold_out: int = 3  # history items per user kept unseen for evaluation
     pair_tokens: int = 64  # max_new_tokens of the generated answers (cut answers are trimmed to a full sentence)
@@ -87,7 +88,7 @@ def run_demo(model_spec: str = DEFAULT_MODEL, out_dir: str | Path = "runs/demo",
     stages = _Stages(out_dir, {"model": model_spec, **asdict(settings)})
     total_start = time.perf_counter()
     model, tokenizer = stages.run("load model", lambda: load_model(model_spec))
-    users = demo_users()
+    users = demo_users()[: settings.n_users]
     train_users, _ = split_history(users, settings.hold_out)
 
     pairs_file = out_dir / "pairs.jsonl"

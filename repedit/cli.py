@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--temperature", type=float, default=0.7)
     pairs.add_argument("--top-p", type=float, default=0.95)
     pairs.add_argument("--near-duplicate", type=float, default=0.995, help="drop pairs whose responses' hidden-state cosine exceeds this")
-    pairs.add_argument("--truncated", default="drop", choices=["drop", "trim"], help="drop pairs cut at max-new-tokens, or trim them to the last full sentence")
+    pairs.add_argument("--truncated", default="trim", choices=["drop", "trim"], help="answers cut at max-new-tokens: trim to the last full sentence (default) or drop the pair")
     pairs.add_argument("--no-real-history", action="store_true", help="skip real-history (StyleVector) pairs")
     pairs.add_argument("--hold-out", type=int, default=0, help="leave each user's last N history items with a prompt out (for repedit eval)")
     pairs.add_argument("--max-users", type=int, default=None, help="use only the first N users")

@@ -186,7 +186,7 @@ class VectorStore:
             try:
                 edit = self._load(index, user_id)
                 break
-            except InputError:
+            except (InputError, FileNotFoundError):
                 # A writer may have committed and deleted the files this index named: read again.
                 if attempt + 1 == _READ_RETRIES or self._index().get("generation") == index.get("generation"):
                     raise

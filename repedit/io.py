@@ -117,4 +117,6 @@ def check_user_id(user_id: str) -> str:
     """Return ``user_id`` if it can be a file name in a store (no separators, no traversal), else raise."""
     if not isinstance(user_id, str) or not USER_ID_PATTERN.match(user_id) or user_id in (".", ".."):
         raise InputError(f"user id {user_id!r} is not valid: use 1-128 letters, digits, '_', '.', '-', starting with a letter or digit")
+    if user_id.endswith((".json", ".safetensors")):  # an edit's files are <id>.json + <id>.safetensors
+        raise InputError(f"user id {user_id!r} is not valid: it cannot end in .json or .safetensors")
     return user_id

@@ -57,8 +57,9 @@ def test_fit_output_is_a_store(tiny_model, tokenizer, tmp_path):
     with pytest.raises(UnknownUserError) as err:
         store.get("carol")
     assert isinstance(err.value, KeyError) and "carol" in str(err.value)
-    with pytest.raises(InputError, match="is not valid"):
-        store.get("../alice")
+    for bad in ("../alice", "a/b", "..", "", "alice.json", "x" * 129):
+        with pytest.raises(InputError, match="is not valid"):
+            store.get(bad)
     with pytest.raises(InputError, match="not a vector store"):
         VectorStore(tmp_path / "nothing")
 

@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from ..arch import get_adapter
 from ..hooks import register_site_hook
 from ..io import InputError
+from ..kernels import gather_add, project_edit
 from ..sites import parse_site
 from .edit import SiteEdit, UserEdit, check_model
 from .operators import RowParams, apply_operator
@@ -241,8 +242,11 @@ def _make_hook(tables: list[_Table], rules, rows, batch_index, tracker: _Positio
         out = hidden
         for table in tables:
             index = table.index if table.index.numel() == batch else table.index.expand(batch)
-            if table.operator == "add":
-                edited = out + table.params.vector.index_select(0, index).to(out.dtype)[:, None, :]
+            if table.operator == "add":  # Triton on GPU; on CPU the same arithmetic as before
+                edited = gather_add(out, index, table.params.vector)
+            elif table.operator == "project_out":
+                p = table.params
+                edited = project_edit(out, index, p.basis if p.basis is not None else p.direction, p.b)
             else:
                 params = RowParams(**{n: (v.index_select(0, index) if v is not None else None) for n, v in vars(table.params).items()})
                 edited = apply_operator(table.operator, out, params, table.gate)

@@ -15,7 +15,7 @@ unsteered (strength 0). The full grid is returned too, for effect-vs-strength fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -90,6 +90,7 @@ def select_layer_strength(
     """
     if not layers or not strengths:
         raise InputError("give at least one layer and one strength to sweep")
+    layers = list(dict.fromkeys(layers))
     if not neutral:
         raise InputError("the KL constraint needs neutral (prompt, response) pairs")
     users_with_held_out = {h.user_id for h in held_out}
@@ -99,8 +100,14 @@ def select_layer_strength(
     grid: list[dict[str, Any]] = []
     best: dict[str, dict[str, Any]] = {}
     best_edit: dict[str, UserEdit] = {}
+    # One capture for every layer (a forward pass yields them all), then one single-layer edit per layer.
+    fitted_all = fit_user_edits(model, tokenizer, pairs, method=method, layers=list(layers), batch_size=batch_size, progress=progress)
     for layer in layers:
-        fitted = fit_user_edits(model, tokenizer, pairs, method=method, layers=[layer], batch_size=batch_size, progress=progress)
+        site = f"resid_post.{layer}"
+        fitted = {
+            user: replace(edit, edits=[e for e in edit.edits if e.site == site], provenance={**edit.provenance, "sites": [site]})
+            for user, edit in fitted_all.items()
+        }
         missing = sorted(set(fitted) - users_with_held_out)
         if missing:
             raise InputError(f"no held-out texts for users {missing}: selection needs held-out data for every fitted user")

@@ -233,6 +233,25 @@ def test_mixed_batch_rows_match_their_own_edit(setup):
         assert batched[b].tolist() == expected.tolist(), f"row {b} (user {r})"
 
 
+def test_mixed_batch_of_project_out_directions_and_subspaces(setup):
+    """One site, one user projecting out a direction and one a subspace: each row gets its own projection."""
+    model, fp, ids = setup
+    torch.manual_seed(4)
+    u, basis = torch.randn(HIDDEN), orthonormal(2)
+    edits = [make(fp, SiteEdit("resid_post.1", "project_out", direction=u)), make(fp, SiteEdit("resid_post.1", "project_out", basis=basis))]
+    seen = {}
+    handle = model.model.layers[2].register_forward_pre_hook(lambda m, a, k: seen.update(h=(a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
+    try:
+        with steer(model, edits, [0, 1]), torch.no_grad():
+            model(ids)
+    finally:
+        handle.remove()
+    h = hidden_after(model, ids)
+    unit = u / u.norm()
+    torch.testing.assert_close(seen["h"][0], h[0] - (h[0] @ unit)[..., None] * unit)
+    torch.testing.assert_close(seen["h"][1], h[1] - (h[1] @ basis.T) @ basis)
+
+
 def test_batch_size_mismatch_is_an_error(setup):
     model, fp, ids = setup
     edit = make(fp, SiteEdit("resid_post.0", "add", vector=torch.randn(HIDDEN)))

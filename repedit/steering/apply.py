@@ -9,7 +9,7 @@ padding and the KV cache: token positions are recomputed from the attention mask
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -97,6 +97,10 @@ _FIELDS = {
 def _pack(operator: str, entries: list[tuple[int, SiteEdit]], n_users: int, d_model: int) -> RowParams:
     """Tables with one row per user (+ row 0, zeros) for the edits ``entries`` = [(user index, edit)]."""
     rows = n_users + 1
+    if operator == "project_out" and any(e.basis is not None for _, e in entries):
+        # A site mixing directions and subspaces: a direction is a one-row subspace, so every user's
+        # edit lives in the basis table (otherwise the directions would be ignored).
+        entries = [(i, e if e.basis is not None else replace(e, basis=e.direction[None, :], direction=None)) for i, e in entries]
     if operator == "add":
         vectors = torch.zeros(rows, d_model)
         for i, e in entries:

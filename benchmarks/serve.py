@@ -14,6 +14,9 @@ run. Server and offline use ``--threads`` torch threads each (the server via ``O
 torch.set_num_threads here). The server's answers are checked against the offline texts.
 Target (issue "Export and serve"): server throughput ≥ 0.8× offline batched generation.
 
+Afterwards (not timed with the rest), the store's compression ratio vs steering effect lost, from
+``run_store_benchmark`` in ``benchmarks/store.py`` (skip with ``--no-compression``).
+
     python benchmarks/serve.py --threads 1 --clients 64 --users 8 --max-tokens 32 --rounds 2 --repeats 2
 """
 
@@ -129,6 +132,24 @@ def start_server(store: Path, port: int, threads: int, batch: int) -> subprocess
         time.sleep(0.2)
 
 
+def compression_table(model, tokenizer, work: str) -> None:
+    """Print compression ratio vs effect loss from ``benchmarks/store.py`` (the store's own benchmark)."""
+    import importlib.util
+
+    path = Path(__file__).with_name("store.py")
+    spec = importlib.util.spec_from_file_location("repedit_bench_store", path)
+    if not path.exists() or spec is None or spec.loader is None:
+        print(f"compression ratio vs effect loss: {path} not found")
+        return
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.run_store_benchmark(model, tokenizer, work=work)
+    print("store compression (benchmarks/store.py run_store_benchmark: 8 demo users, stylevector at resid_post.12)")
+    print(f"{'k':>3} {'vector bytes ratio':>18} {'all bytes ratio':>15} {'effect lost mean':>16} {'max':>6} {'KL(orig||comp)':>14}")
+    for r in rows:
+        print(f"{r['k']:>3} {r['vector_ratio']:>17.2f}x {r['all_ratio']:>14.2f}x {r['mean_effect_lost']:>16.3f} {r['max_effect_lost']:>6.3f} {r['mean_kl_to_original']:>14.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -137,6 +158,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after the other")
     parser.add_argument("--repeats", type=int, default=2, help="offline/server pairs run alternately (medians reported)")
+    parser.add_argument("--no-compression", action="store_true", help="skip the store compression table")
+    parser.add_argument("--store-work", default="runs/bench-store", help="work directory of the store benchmark (pairs cached there)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model()
@@ -162,6 +185,7 @@ def main() -> None:
                     seconds, tokens, texts, latencies, ttft = asyncio.run(clients(url, requests, args.clients, args.max_tokens, stream))
                     same = sum(a == b for a, b in zip(texts, reference))
                     rows[label].append((seconds, tokens, latencies, ttft, same))
+            counts = httpx.get(f"{url}/health").json()
         finally:
             server.terminate()
             server.wait(30)
@@ -178,7 +202,12 @@ def main() -> None:
         cells += [f"{percentile(ttft, 50):9.2f}", f"{percentile(ttft, 95):9.2f}"] if ttft else ["        -", "        -"]
         same = min(run[4] for run in runs)
         print(f"{label:<15} {rate:7.1f} {rate / base:9.3f} {' '.join(cells)} {same:>5}/{len(requests)}")
-    print("compression ratio vs effect loss of the store: see benchmarks/store.py (issue 'Export and serve', store part)")
+    print("samples (tok/s, in run order): " + "; ".join(f"{label} " + ", ".join(f"{t / s_:.1f}" for s_, t, *_ in runs) for label, runs in rows.items()))
+    print("server engine counters (all runs, warm-up included): " + ", ".join(f"{k} {counts[k]}" for k in
+          ("prefills", "prefill_rows", "steps", "step_rows", "joined_running_batch", "peak_batch", "finished", "failed")))
+    print(f"mean rows per decode step {counts['step_rows'] / max(counts['steps'], 1):.1f}, per prefill {counts['prefill_rows'] / max(counts['prefills'], 1):.1f}")
+    if not args.no_compression:
+        compression_table(model, tokenizer, args.store_work)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 import repedit
 from repedit.generation import GenerationSettings, generate_chat, render_chat
 from repedit.io import InputError
-from repedit.serve import BackgroundServer, Done, Engine, Failed, GenerationRequest, Limits, SamplingParams, ServerConfig, TextAssembler, Tokens, create_app, read_tokens
+from repedit.serve import BackgroundServer, Done, Engine, EngineClosed, Failed, GenerationRequest, Limits, SamplingParams, ServerConfig, TextAssembler, Tokens, create_app, read_tokens
 from repedit.steering import SiteEdit, UserEdit, save_edits
 
 from conftest import HIDDEN, build_tiny_model
@@ -395,6 +395,10 @@ def test_text_assembler_deltas_add_up_to_the_final_text(tokenizer):
         assert "".join(deltas) == expected == assembler.text
         assert assembler.stopped == bool(cuts)
         assert all("\ufffd" not in d for d in deltas)
+        collected = TextAssembler(tokenizer, stop, incremental=False)  # the non-streaming path
+        for t in ids:
+            collected.add([t])
+        assert collected.text == expected and collected.stopped == bool(cuts)
 
 
 def test_sampling_is_repeatable_per_seed_whatever_the_batch(server):
@@ -448,6 +452,20 @@ def test_openai_client_example(server, tiny):
     assert fallback.choices[0].message.content == offline(model, tokenizer, [PROMPTS[3]], None, 8)[0]
 
 
+def test_closing_the_engine_ends_every_request(tiny):
+    model, tokenizer, edits, _, _ = tiny
+    engine = Engine(model, tokenizer, max_batch_size=2, batch_window=0.0).start()
+    events: list[list] = [[] for _ in range(5)]
+    for i in range(5):
+        engine.submit(GenerationRequest(render_chat(tokenizer, chat(PROMPTS[i])), edits["bob"], SamplingParams(max_tokens=64), events[i].append))
+    engine.close()
+    for got in events:  # exactly one final event each, whether it finished or was cancelled
+        assert [type(e) for e in got if not isinstance(e, Tokens)] == [Done]
+    assert engine.stats()["in_flight"] == 0 and engine.stats()["cancelled"] >= 1
+    with pytest.raises(EngineClosed):
+        engine.submit(GenerationRequest([1, 2], None, SamplingParams(), print))
+
+
 def test_tokens_file_and_limits_are_checked(tmp_path):
     path = tmp_path / "tokens.json"
     for bad in ["[]", "{}", '{"t": "alice"}', '{"t": ["../x"]}', '{"a b": ["alice"]}']:
@@ -460,6 +478,50 @@ def test_tokens_file_and_limits_are_checked(tmp_path):
         Limits(max_tokens=8, default_max_tokens=16)
     with pytest.raises(InputError):
         SamplingParams(max_tokens=0)
+
+
+def test_cli_serve_refuses_bad_input_before_loading_the_model(tmp_path, capsys):
+    from repedit.cli import main
+
+    assert main(["serve", "--store", str(tmp_path / "missing")]) == 2
+    assert "not a vector store" in capsys.readouterr().err
+    (tmp_path / "tokens.json").write_text('{"t": "alice"}')
+    assert main(["serve", "--tokens", str(tmp_path / "tokens.json")]) == 2
+    assert "list of user ids" in capsys.readouterr().err
+
+
+def test_cli_serve_end_to_end(tiny_folder, tmp_path):
+    """``repedit serve`` in a subprocess on a local tiny model folder: health, a steered request, 403."""
+    import socket
+    import subprocess
+    import sys
+
+    folder, model = tiny_folder
+    fp = repedit.model_fingerprint(model)
+    store = save_edits({"alice": UserEdit("alice", [SiteEdit("resid_post.1", "add", vector=torch.ones(HIDDEN))], fp, HIDDEN)}, tmp_path / "store")
+    (tmp_path / "tokens.json").write_text('{"tok": ["alice"]}')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "repedit", "serve", "--model", str(folder), "--store", str(store), "--tokens", str(tmp_path / "tokens.json"),
+               "--port", str(port), "--served-name", "tiny", "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read() if process.poll() is not None else "timeout"
+            time.sleep(0.2)
+        with httpx.Client(base_url=url, headers={"Authorization": "Bearer tok"}, timeout=60) as c:
+            answer = c.post("/v1/chat/completions", json={**body("Hi", "alice", 4), "model": "tiny"})
+            assert answer.status_code == 200 and answer.headers["x-repedit-steered"] == "true"
+            assert answer.json()["usage"]["completion_tokens"] >= 1
+            assert c.post("/v1/chat/completions", json={**body("Hi", "bob", 4), "model": "tiny"}).status_code == 403
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 # ----------------------------------------------------------------- the real default model

@@ -217,7 +217,7 @@ def create_app(model, tokenizer, store: VectorStore | str | Path | None, config:
             raise APIError(503, str(err), type="server_error", code="overloaded") from None
         headers = {"X-Repedit-Steered": "true" if edit is not None else "false"}
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        text = TextAssembler(tokenizer, chat.stop)
+        text = TextAssembler(tokenizer, chat.stop, incremental=chat.stream)
         try:
             first = await channel.queue.get()  # a prefill failure is still a plain 500, even for a stream
         except BaseException:

@@ -164,9 +164,11 @@ class Engine:
         self._next: torch.Tensor | None = None
         self._handle = None  # steering hooks for the running batch's composition
         self._continuous: bool | None = None  # can new rows join a running batch (plain KV caches)?
-        # Counters for /health and tests: decode forwards, requests admitted into a running batch,
-        # the largest batch seen, and how requests ended.
-        self.counts = {"steps": 0, "joined_running_batch": 0, "peak_batch": 0, "finished": 0, "failed": 0, "cancelled": 0}
+        # Counters for /health, tests and benchmarks: decode forwards (steps) and the rows they
+        # carried, prefill forwards and their rows, requests admitted into a running batch, the
+        # largest batch seen, and how requests ended.
+        self.counts = {"steps": 0, "step_rows": 0, "prefills": 0, "prefill_rows": 0, "joined_running_batch": 0, "peak_batch": 0,
+                       "finished": 0, "failed": 0, "cancelled": 0}
         self._submitted = 0
         self._submit_lock = threading.Lock()
 
@@ -181,10 +183,12 @@ class Engine:
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the worker; requests still queued or running are cancelled."""
-        self._stop.set()
+        with self._submit_lock:  # no submit can slip in between the worker's exit and the drain below
+            self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
         self._thread = None
+        self._drain()
 
     @property
     def alive(self) -> bool:
@@ -192,9 +196,9 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue ``request`` (thread-safe). Raises :class:`EngineClosed` or :class:`Overloaded`."""
-        if not self.alive or self._stop.is_set():
-            raise EngineClosed("the generation engine is not running")
         with self._submit_lock:
+            if not self.alive or self._stop.is_set():
+                raise EngineClosed("the generation engine is not running")
             try:
                 self._queue.put_nowait(request)
             except queue.Full:
@@ -222,11 +226,16 @@ class Engine:
                     log.exception("engine step failed")
                     self._fail_running(f"internal error: {type(err).__name__}: {err}")
         self._fail_running("the server is shutting down", cancelled=True)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Cancel every request still queued."""
         while True:
             try:
-                _Row(self._queue.get_nowait(), self.counts).emit(Done("cancelled", 0, 0))
+                request = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return
+            _Row(request, self.counts).emit(Done("cancelled", len(request.prompt_ids), 0))
 
     def _collect(self) -> list[GenerationRequest]:
         room = self.max_batch_size - len(self._rows)
@@ -289,6 +298,8 @@ class Engine:
             for row in rows:
                 row.emit(Failed(f"generation failed: {type(err).__name__}: {err}"))
             return
+        self.counts["prefills"] += 1
+        self.counts["prefill_rows"] += len(rows)
         if self._continuous is None:
             self._continuous = can_merge(cache)
         tokens = self._choose(rows, logits)
@@ -325,6 +336,7 @@ class Engine:
             self._fail_running(f"generation failed: {type(err).__name__}: {err}")
             return
         self.counts["steps"] += 1
+        self.counts["step_rows"] += len(rows)
         self._next = self._choose(rows, logits)
         keep = [i for i, row in enumerate(rows) if not row.finished]
         if len(keep) == len(rows):

@@ -19,11 +19,14 @@ class TextAssembler:
     Args:
         tokenizer: the model's tokenizer (``decode``).
         stop: stop strings; the text ends before the first occurrence of any of them.
+        incremental: hand out deltas as tokens arrive (streaming). Without it and without stop
+            strings, :meth:`add` only collects ids and the text is decoded once at the end.
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer, stop: Sequence[str] = (), incremental: bool = True) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self.incremental = incremental or bool(self.stop)
         self.ids: list[int] = []
         self.emitted = ""
         self.stopped = False  # a stop string was found: the caller should cancel generation
@@ -45,6 +48,8 @@ class TextAssembler:
         if self.stopped:
             return ""
         self.ids.extend(ids)
+        if not self.incremental:
+            return ""
         text, self.stopped = self._decoded()
         if self.stopped:
             return self._release(text.strip())
@@ -55,7 +60,7 @@ class TextAssembler:
 
     def finish(self) -> str:
         """The rest of the text once no more tokens will come."""
-        return self._release(self.text)
+        return self._release(self.text) if self.incremental else ""
 
     @property
     def text(self) -> str:

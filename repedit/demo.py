@@ -30,7 +30,7 @@ from .io import read_json, sha256_of, write_json
 from .models import DEFAULT_MODEL, load_model
 from .pairs import generate, read_pairs
 from .probes import ProbeReport, capture_pairs, probe_sites
-from .probes.plots import accuracy_by_layer, pairs_scatter
+from .probes.plots import accuracy_by_layer, pairs_by_user, pairs_scatter
 from .probes.report import write_report
 from .steering import UserEdit, save_edits, select_layer_strength
 from .steering.eval_report import eval_sections, write_eval_report
@@ -44,15 +44,17 @@ class DemoSettings:
     """Settings of the demo run (small enough for ≤ 15 minutes on a 2-core CPU)."""
 
     n_users: int = 8  # the first n demo users
-    n_prompts: int = 12  # self-generated pairs per user (the neutral prompt set)
+    n_prompts: int = 8  # self-generated pairs per user (the neutral prompt set)
     hold_out: int = 3  # history items per user kept unseen for evaluation
-    pair_tokens: int = 64  # max_new_tokens of the generated answers (cut answers are trimmed to a full sentence)
-    probe_every: int = 2  # probe resid_post at every n-th layer
+    pair_tokens: int = 48  # max_new_tokens of the generated answers (cut answers are trimmed to a full sentence)
+    probe_every: int = 3  # probe resid_post at every n-th layer
     probe_methods: tuple[str, ...] = ("diff_of_means", "logistic_regression", "pca_of_differences")
     method: str = "stylevector"  # the users' own texts vs the model's neutral answers
-    layers: tuple[int, ...] = (6, 9, 12, 15)
+    layers: tuple[int, ...] = (6, 9, 12)
     strengths: tuple[float, ...] = (0.25, 0.5, 1.0)
     max_kl: float = 0.05
+    n_neutral: int = 6  # neutral answers the KL is measured on (each costs one forward per user and candidate)
+    factors: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # effect-vs-strength multipliers of each selected edit
     eval_tokens: int = 48
     batch_size: int = 16
 
@@ -109,7 +111,7 @@ def run_demo(model_spec: str = DEFAULT_MODEL, out_dir: str | Path = "runs/demo",
     report, acts = stages.run("probes", probes, lambda: (ProbeReport.load(out_dir / "probes"), Activations.load(out_dir / "activations")))
 
     def select() -> tuple[dict[str, UserEdit], dict[str, Any]]:
-        train, validation, neutral = split_for_selection(pairs)
+        train, validation, neutral = split_for_selection(pairs, max_neutral=settings.n_neutral)
         selection = select_layer_strength(
             model, tokenizer, train, validation, neutral, method=settings.method, layers=settings.layers,
             strengths=settings.strengths, max_kl=settings.max_kl, batch_size=settings.batch_size, progress=True,
@@ -129,10 +131,10 @@ def run_demo(model_spec: str = DEFAULT_MODEL, out_dir: str | Path = "runs/demo",
     def evaluate() -> Evaluation:
         from .embedding import default_embedder
 
-        inputs = eval_inputs(users, pairs, settings.hold_out)
+        inputs = eval_inputs(users, pairs, settings.hold_out, max_neutral=settings.n_neutral)
         evaluation = evaluate_users(
             model, tokenizer, inputs.test_items, edits, insights=inputs.insights, history=inputs.history, neutral=inputs.neutral,
-            embedder=default_embedder(model, tokenizer), max_kl=settings.max_kl,
+            embedder=default_embedder(model, tokenizer), max_kl=settings.max_kl, factors=settings.factors,
             settings=GenerationSettings(max_new_tokens=settings.eval_tokens, repetition_penalty=1.2, batch_size=settings.batch_size),
         )
         write_eval_report(evaluation, out_dir / "eval", grid=selection["grid"])
@@ -191,7 +193,9 @@ def _write_report(out_dir: Path, report: ProbeReport, acts: Activations, evaluat
         + figure(accuracy_by_layer(report), "probe-accuracy"),
         f"<h2>The latent space of the pairs ({esc(best)})</h2>"
         "<p>2-D PCA of every pair's two answers (mean over response tokens); colour = user, circle = personalised, x = neutral; "
-        "a grey line joins the two answers of a pair.</p>" + figure(pairs_scatter(acts, best, color_by="user"), "pairs-scatter"),
+        "a grey line joins the two answers of a pair.</p>" + figure(pairs_scatter(acts, best, color_by="user"), "pairs-scatter")
+        + "<p>The same pairs per user, each panel with its own PCA: red circles personalised, blue crosses neutral.</p>"
+        + figure(pairs_by_user(acts, best), "pairs-by-user"),
         "<h2>Selected layer and strength per user</h2><table><tr><th>user</th><th>layer</th><th>strength</th>"
         f"<th>validation gain (nats/token)</th><th>KL</th></tr>{choices}</table>",
         *eval_sections(evaluation, figure, grid=selection["grid"]),

@@ -27,6 +27,7 @@ from repedit.probes.plots import (
     accuracy_by_layer,
     direction_similarity_across_layers,
     direction_similarity_across_users,
+    pairs_by_user,
     pairs_scatter,
     probe_similarity,
 )
@@ -159,6 +160,22 @@ def test_pairs_scatter_by_label_has_n_points_per_class_and_pair_lines():
     assert abs(pc1_pos - pc1_neg) > 2.0
     # Hover text comes from the metadata, with the prompt's angle brackets escaped.
     assert "user alice" in points["personalised"].text[0] and "prompt &lt;0&gt;" in points["personalised"].text[0]
+
+
+def test_pairs_by_user_is_each_users_own_pca():
+    from repedit.plots import pca_2d
+
+    acts = make_acts()
+    figure = pairs_by_user(acts, "resid_post.1", columns=2)
+    assert len(figure.layout.annotations) == len(USERS)  # one titled panel per user
+    for index, user in enumerate(USERS):
+        rows = [i for i, m in enumerate(acts.metadata) if m["user_id"] == user]
+        coords, _ = pca_2d(acts["resid_post.1"][rows])
+        lines, personalised, neutral = figure.data[3 * index: 3 * index + 3]
+        assert len(lines.x) == 3 * len(rows) // 2  # one segment (+ gap) per pair
+        expected = [float(coords[k, 0]) for k, i in enumerate(rows) if acts.metadata[i]["label"] == 1]
+        assert personalised.name == "personalised" and list(personalised.x) == pytest.approx(expected)
+        assert neutral.name == "neutral" and len(neutral.x) == len(rows) // 2
 
 
 def test_pairs_scatter_by_user_and_without_lines():

@@ -2,6 +2,7 @@
 
 * :func:`accuracy_by_layer` — held-out accuracy, control accuracy and selectivity by layer, per method;
 * :func:`pairs_scatter` — 2-D PCA of the pairs at one site, coloured by label or by user;
+* :func:`pairs_by_user` — one 2-D PCA panel per user (personalised vs neutral);
 * :func:`direction_similarity_across_layers` / :func:`direction_similarity_across_users` — cosine
   similarity heatmaps between probes.
 
@@ -247,6 +248,52 @@ def pairs_scatter(
         title=title or f"Pairs at {site}: 2-D PCA, coloured by {color_by}", template="plotly_white", height=520,
         xaxis_title=f"PC1 ({pc1:.0f}% var)", yaxis_title=f"PC2 ({pc2:.0f}% var)",
     )
+    return figure
+
+
+def pairs_by_user(acts: Activations, site: str, *, columns: int = 4, max_users: int = 12, title: str | None = None) -> go.Figure:
+    """One small 2-D PCA panel per user: that user's pairs at ``site``, PCA fitted on the user's own rows.
+
+    Personalised answers are red circles, neutral ones blue crosses, and a grey line joins the two
+    answers of a pair; a user whose personalisation is one consistent direction shows parallel lines
+    and two separated clouds. Panels are titled with the user id and the share of variance of PC1.
+    """
+    if acts.position == "all":
+        raise ValueError("pairs_by_user needs one row per item: capture with position='mean' or 'last'")
+    users = list(dict.fromkeys(str(m.get("user_id", "default")) for m in acts.metadata))[:max_users]
+    rows_n = (len(users) + columns - 1) // columns
+    titles = []
+    panels = []
+    for user in users:
+        rows = [i for i, m in enumerate(acts.metadata) if str(m.get("user_id", "default")) == user]
+        coords, ratio = pca_2d(acts[site][rows]) if len(rows) >= 3 else (torch.zeros(len(rows), 2, dtype=torch.float64), torch.zeros(2))
+        panels.append((rows, coords))
+        titles.append(f"{user} (PC1 {100 * float(ratio[0]):.0f}%)")
+    figure = make_subplots(rows=max(rows_n, 1), cols=columns, subplot_titles=titles, horizontal_spacing=0.04, vertical_spacing=0.12)
+    for index, (rows, coords) in enumerate(panels):
+        r, c = index // columns + 1, index % columns + 1
+        members: dict[Any, list[int]] = {}
+        for local, i in enumerate(rows):
+            members.setdefault(acts.metadata[i].get("pair_id"), []).append(local)
+        xs: list[float | None] = []
+        ys: list[float | None] = []
+        for pair in members.values():
+            if len(pair) == 2:
+                xs += [float(coords[pair[0], 0]), float(coords[pair[1], 0]), None]
+                ys += [float(coords[pair[0], 1]), float(coords[pair[1], 1]), None]
+        figure.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": "rgba(120,120,120,0.35)", "width": 1},
+                                    hoverinfo="skip", showlegend=False), row=r, col=c)
+        for label, name in ((1, "personalised"), (0, "neutral")):
+            picked = [local for local, i in enumerate(rows) if int(acts.metadata[i].get("label", -1)) == label]
+            figure.add_trace(go.Scatter(
+                x=coords[picked, 0].tolist(), y=coords[picked, 1].tolist(), mode="markers", name=name, legendgroup=name,
+                showlegend=index == 0, marker={"color": _label_colour(name), "size": 7, "symbol": "circle" if label == 1 else "x"},
+                text=[_hover(acts.metadata[rows[local]], rows[local]) for local in picked], hovertemplate="%{text}<extra></extra>",
+            ), row=r, col=c)
+    figure.update_xaxes(showticklabels=False)
+    figure.update_yaxes(showticklabels=False)
+    figure.update_layout(title=title or f"Each user's pairs at {site}: 2-D PCA per user", template="plotly_white",
+                         height=260 * max(rows_n, 1) + 80, margin={"t": 90})
     return figure
 
 

@@ -4,7 +4,7 @@ Each notebook is executed with nbclient in a kernel of *this* interpreter (so th
 the one tested, whatever kernels the machine has registered), with the working directory set to a
 temporary directory shared by the notebooks of one session: they write under a relative ``runs/``, and
 a later notebook reuses what an earlier one wrote when its settings match (the pair generator is
-resumable), which keeps the whole file to a few minutes. Run alone, a notebook makes what it needs.
+resumable), so the pairs are generated once. Run alone, a notebook makes what it needs.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from nbclient import NotebookClient
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-# Per-cell limit: generous, because the 2 CPU cores are shared with other jobs (the slowest cell takes
-# about a minute on an idle machine). REPEDIT_NOTEBOOK_TIMEOUT overrides.
+# Per-cell limit: generous, because the 2 CPU cores are often shared with other jobs (the slowest cell,
+# notebook 2's pair generation, took 95-105 s that way). REPEDIT_NOTEBOOK_TIMEOUT overrides.
 CELL_TIMEOUT = int(os.environ.get("REPEDIT_NOTEBOOK_TIMEOUT", "900"))
 
 

@@ -205,6 +205,8 @@ def main() -> None:
     print("samples (tok/s, in run order): " + "; ".join(f"{label} " + ", ".join(f"{t / s_:.1f}" for s_, t, *_ in runs) for label, runs in rows.items()))
     print("server engine counters (all runs, warm-up included): " + ", ".join(f"{k} {counts[k]}" for k in
           ("prefills", "prefill_rows", "steps", "step_rows", "joined_running_batch", "peak_batch", "finished", "failed")))
+    print(f"server worker time (all runs): prefill forwards {counts['prefill_seconds']:.1f} s, decode forwards {counts['decode_seconds']:.1f} s, "
+          f"busy {counts['busy_seconds']:.1f} s; offline runs took {sum(s_ for s_, *_ in rows['offline']):.1f} s in all")
     print(f"mean rows per decode step {counts['step_rows'] / max(counts['steps'], 1):.1f}, per prefill {counts['prefill_rows'] / max(counts['prefills'], 1):.1f}")
     if not args.no_compression:
         compression_table(model, tokenizer, args.store_work)

@@ -169,6 +169,9 @@ class Engine:
         # largest batch seen, and how requests ended.
         self.counts = {"steps": 0, "step_rows": 0, "prefills": 0, "prefill_rows": 0, "joined_running_batch": 0, "peak_batch": 0,
                        "finished": 0, "failed": 0, "cancelled": 0}
+        # Seconds spent in prefill and decode forwards, and in whole worker iterations that did work
+        # (forwards + bookkeeping); wall time minus "busy" is time the worker waited for requests.
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "busy": 0.0}
         self._submitted = 0
         self._submit_lock = threading.Lock()
 
@@ -209,7 +212,8 @@ class Engine:
         """Rows running now, requests waiting, requests submitted and not yet ended (``in_flight``), and
         the counters (see ``counts``). ``in_flight == 0`` and ``running == 0``: idle, no hooks on the model."""
         ended = self.counts["finished"] + self.counts["failed"] + self.counts["cancelled"]
-        return {"running": len(self._rows), "waiting": self._queue.qsize(), "in_flight": self._submitted - ended, **self.counts}
+        seconds = {f"{k}_seconds": round(v, 3) for k, v in self.seconds.items()}
+        return {"running": len(self._rows), "waiting": self._queue.qsize(), "in_flight": self._submitted - ended, **self.counts, **seconds}
 
     # ----------------------------------------------------------------- worker
 
@@ -218,10 +222,13 @@ class Engine:
             while not self._stop.is_set():
                 try:
                     new = self._collect()
+                    start = time.perf_counter()
                     if new:
                         self._admit(new)
                     if self._rows:
                         self._decode()
+                    if new or self._rows:
+                        self.seconds["busy"] += time.perf_counter() - start
                 except Exception as err:  # last resort: fail what is running, keep serving
                     log.exception("engine step failed")
                     self._fail_running(f"internal error: {type(err).__name__}: {err}")
@@ -286,6 +293,7 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as model.generate does
         cache = DynamicCache(config=self.model.config)
+        start = time.perf_counter()
         try:
             with self._steer(rows):
                 logits = self._forward(ids, mask, position_ids, cache).logits[:, -1, :]
@@ -298,6 +306,7 @@ class Engine:
             for row in rows:
                 row.emit(Failed(f"generation failed: {type(err).__name__}: {err}"))
             return
+        self.seconds["prefill"] += time.perf_counter() - start
         self.counts["prefills"] += 1
         self.counts["prefill_rows"] += len(rows)
         if self._continuous is None:
@@ -329,12 +338,14 @@ class Engine:
         position_ids = self._mask.sum(-1, keepdim=True) - 1
         if self._handle is None:
             self._handle = self._steer(rows)
+        start = time.perf_counter()
         try:
             logits = self._forward(self._next[:, None], self._mask, position_ids, self._cache).logits[:, -1, :]
         except Exception as err:
             log.exception("decode step failed")
             self._fail_running(f"generation failed: {type(err).__name__}: {err}")
             return
+        self.seconds["decode"] += time.perf_counter() - start
         self.counts["steps"] += 1
         self.counts["step_rows"] += len(rows)
         self._next = self._choose(rows, logits)

@@ -122,6 +122,11 @@ def test_evaluate_users_numbers_match_direct_computation(tiny_model, tokenizer):
     assert curve[("alice", 0.0)]["gain"] == pytest.approx(0.0, abs=1e-6) and curve[("alice", 0.0)]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert curve[("alice", 1.0)]["gain"] == pytest.approx(metrics["steered"]["loglik"] - metrics["unsteered"]["loglik"], abs=1e-5)
     assert ("cara", 1.0) not in curve
+    from repedit.steering.eval_report import gain_bars
+
+    prompt_only, steered_bars = gain_bars(evaluation).data
+    assert steered_bars.y[0] == pytest.approx(metrics["steered"]["loglik"] - metrics["unsteered"]["loglik"])
+    assert prompt_only.y[2] == pytest.approx(cara["prompt_only"]["loglik"] - cara["unsteered"]["loglik"]) and steered_bars.y[2] == 0
     summary = evaluation.summary
     assert summary["steered"]["users_with_edit"] == 2 and summary["n_users"] == 3
     gains = [evaluation.per_user[u]["steered"]["loglik"] - evaluation.per_user[u]["unsteered"]["loglik"] for u in evaluation.per_user]

@@ -34,6 +34,24 @@ def metric_bars(evaluation: Evaluation, metric: str, title: str, conditions: Seq
     return figure
 
 
+def gain_bars(evaluation: Evaluation) -> go.Figure:
+    """Held-out log-likelihood gain over unsteered (nats/token) per user, prompt-only and steered side by side."""
+    users = list(evaluation.per_user)
+    figure = go.Figure()
+    for condition in ("prompt_only", "steered"):
+        figure.add_trace(go.Bar(
+            name=_LABELS[condition], x=users, marker_color=_COLOURS[condition],
+            y=[evaluation.per_user[u][condition]["loglik"] - evaluation.per_user[u]["unsteered"]["loglik"] for u in users],
+        ))
+    figure.add_hline(y=0, line=dict(color="#555", width=1))
+    figure.update_layout(
+        barmode="group", height=400, margin=dict(t=60, b=40), legend=dict(orientation="h", y=-0.18),
+        title="Held-out log-likelihood gain over the unsteered model (nats/token; > 0 = the user's own texts became more likely)",
+        yaxis_title="gain (nats/token)",
+    )
+    return figure
+
+
 def strength_curves(evaluation: Evaluation) -> go.Figure:
     """Held-out log-likelihood gain (left) and KL on neutral text (right) vs strength factor, one line per user."""
     figure = make_subplots(rows=1, cols=2, subplot_titles=("held-out log-likelihood gain (nats/token)", "KL to unsteered on neutral text (nats/token)"))
@@ -134,7 +152,7 @@ def eval_sections(evaluation: Evaluation, figure: Figures, *, grid: Sequence[dic
     sections = [
         "<h2>Summary</h2>" + _summary(evaluation),
         "<h2>Held-out metrics per user</h2>" + _metrics_table(evaluation),
-        figure(metric_bars(evaluation, "loglik", "Held-out log-likelihood of the user's own texts (nats/token)"), "eval-loglik"),
+        figure(gain_bars(evaluation), "eval-loglik-gain"),
         figure(metric_bars(evaluation, "style_margin", "Style margin of generated answers", (*CONDITIONS, "reference")), "eval-style"),
         figure(metric_bars(evaluation, "perplexity", "Perplexity of generated answers under the unsteered model"), "eval-perplexity"),
     ]

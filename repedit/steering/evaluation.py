@@ -276,8 +276,8 @@ def eval_inputs(users: Sequence[Any], pairs: Sequence[Any], hold_out: int, *, ma
     ``users`` are the *full* users (:class:`repedit.userdata.User`); their last ``hold_out`` history
     items with a prompt are the test items (:func:`repedit.userdata.split_history`, the rule
     ``repedit pairs --hold-out`` uses), the rest is the training history. Insights come from the
-    users' self-generated pairs; neutral text is the neutral answers of the first ``max_neutral``
-    distinct prompts of self-generated pairs. Only users that have pairs are evaluated.
+    users' pairs; neutral text is the neutral answers of the first ``max_neutral`` distinct prompts
+    of self-generated pairs (of any pairs when none is self-generated). Only users that have pairs are evaluated.
     """
     from ..pairs import SELF_GENERATED
     from ..userdata import split_history
@@ -300,7 +300,8 @@ def eval_inputs(users: Sequence[Any], pairs: Sequence[Any], hold_out: int, *, ma
     for pair in pairs:
         if pair.insights and pair.user_id not in insights:
             insights[pair.user_id] = pair.insights
-    self_generated = [p for p in pairs if p.source == SELF_GENERATED]
+    # Neutral answers to the neutral prompt set; answers to history prompts when no such pair survived.
+    self_generated = [p for p in pairs if p.source == SELF_GENERATED] or list(pairs)
     neutral = list(dict.fromkeys((p.prompt, p.neutral) for p in self_generated))[:max_neutral]
     return EvalInputs(
         [HeldOut(user_id, item.prompt, item.text) for user_id, item in held], insights,

@@ -217,9 +217,12 @@ def evaluate_users(
     # Effect vs strength on the held-out data: each user's edit scaled by each factor, all users per batch.
     curve: list[dict[str, Any]] = []
     for factor in factors:
-        scaled = [e * factor if e is not None else None for e in edit_list]
-        steered_ll = response_logprobs(model, tokenizer, prompts, texts, edits=scaled, rows=rows, batch_size=batch)
-        factor_kl = kl_per_user(scaled)
+        if factor == 1.0:  # the evaluated edits themselves: already scored above
+            steered_ll, factor_kl = loglik["steered"], kl
+        else:
+            scaled = [e * factor if e is not None else None for e in edit_list]
+            steered_ll = response_logprobs(model, tokenizer, prompts, texts, edits=scaled, rows=rows, batch_size=batch)
+            factor_kl = kl_per_user(scaled)
         for i, user in enumerate(users):
             if edit_list[i] is None:
                 continue

@@ -126,17 +126,17 @@ def _eval(args: argparse.Namespace) -> None:
     from .io import read_json
     from .models import load_model
     from .pairs import read_pairs
-    from .steering.edit import UserEdit
     from .steering.eval_report import write_eval_report
+    from .store import VectorStore
     from .steering.evaluation import EVAL_SETTINGS, eval_inputs, evaluate_users
     from .userdata import demo_users_path, read_users
 
     users = read_users(demo_users_path() if args.users == "demo" else args.users)
     inputs = eval_inputs(users, read_pairs(args.pairs), args.hold_out)
     edits_dir = Path(args.edits)
-    index = read_json(edits_dir / "index.json")
+    store = VectorStore(edits_dir)  # a `repedit fit` directory or a `repedit store` store
     model, tokenizer = load_model(args.model)
-    edits = {user: UserEdit.load(edits_dir / user, model=model) for user in index.get("users", [])}
+    edits = {user: store.get(user, model=model) for user in store.list_users()}
     embedder = {"auto": lambda: default_embedder(model, tokenizer), "minilm": minilm_embedder,
                 "model": lambda: model_embedder(model, tokenizer)}[args.embedder]()
     selection = read_json(edits_dir / "selection.json") if (edits_dir / "selection.json").exists() else {}
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", help="held-out evaluation per user: unsteered vs prompt-only vs steered; JSON + HTML report")
     ev.add_argument("--pairs", required=True, help="the pairs the edits were fitted on (made with repedit pairs --hold-out N)")
-    ev.add_argument("--edits", required=True, help="edits directory (repedit fit [--auto] output)")
+    ev.add_argument("--edits", required=True, help="edits directory (repedit fit [--auto] output) or a repedit store")
     ev.add_argument("--users", required=True, help="the users JSONL the pairs were made from, or 'demo'")
     ev.add_argument("--hold-out", type=int, default=3, help="the N of repedit pairs --hold-out: each user's last N items with a prompt")
     ev.add_argument("--out", required=True, help="output directory: eval.json + eval.html")

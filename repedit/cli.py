@@ -182,6 +182,24 @@ def _demo_defaults():
     return DemoSettings()
 
 
+def _lamp_convert(args: argparse.Namespace) -> None:
+    from .lamp import read_lamp, write_lamp
+
+    data = read_lamp(args.questions, args.outputs, task=args.task)
+    users_path, items_path = write_lamp(data, args.out)
+    n_history = sum(len(user.history) for user in data.users)
+    print(f"{data.task}: {len(data.users)} users ({n_history} history items), {len(data.items)} held-out items "
+          f"({'with' if args.outputs else 'without'} gold outputs) -> {users_path}, {items_path}")
+
+
+def _lamp_score(args: argparse.Namespace) -> None:
+    import json
+
+    from .lamp import score_files
+
+    print(json.dumps(score_files(args.outputs, args.predictions, task=args.task, use_stemmer=args.use_stemmer), indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repedit", description="Representation editing for per-user LLM personalisation.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -303,6 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=_serve)
+
+    lamp = commands.add_parser("lamp", help="LaMP benchmark files: convert to users/items JSONL, score predictions with the official metrics")
+    lamp_sub = lamp.add_subparsers(dest="lamp_command", required=True)
+    lamp_convert = lamp_sub.add_parser("convert", help="LaMP *_questions.json (+ *_outputs.json) -> DIR/users.jsonl + DIR/items.jsonl")
+    lamp_convert.add_argument("--questions", required=True, help="LaMP questions JSON (a list of {id, input, profile})")
+    lamp_convert.add_argument("--outputs", default=None, help="LaMP outputs JSON ({task, golds}); without it items have no target")
+    lamp_convert.add_argument("--task", default=None, help="LaMP_1, LaMP_2, LaMP_3, LaMP_4, LaMP_5 or LaMP_7 (default: the outputs file's task)")
+    lamp_convert.add_argument("--out", required=True, help="output directory: users.jsonl (for repedit pairs) + items.jsonl")
+    lamp_convert.set_defaults(run=_lamp_convert)
+    lamp_score = lamp_sub.add_parser("score", help="official LaMP metrics of predictions against an outputs file, printed as JSON")
+    lamp_score.add_argument("--outputs", required=True, help="LaMP outputs JSON with the gold outputs")
+    lamp_score.add_argument("--predictions", required=True, help="predictions: JSON {task, golds: [{id, output}]} like LaMP's, or .jsonl of {id, output}")
+    lamp_score.add_argument("--task", default=None, help="override the task of the outputs file")
+    lamp_score.add_argument("--use-stemmer", action="store_true", help="Porter stemming in ROUGE (the official LaMP script does not stem)")
+    lamp_score.set_defaults(run=_lamp_score)
     return parser
 
 

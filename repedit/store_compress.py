@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from .io import InputError, load_tensors, read_json, save_tensors, write_json
-from .steering.edit import FORMAT_VERSION, INDEX_CONVENTION, SiteEdit, UserEdit
+from .steering.edit import FORMAT_VERSION, INDEX_CONVENTION, TENSOR_FIELDS, SiteEdit, UserEdit
 
 if TYPE_CHECKING:
     from .store import Transaction, VectorStore
@@ -126,7 +126,7 @@ def load_compressed(directory: Path, base: Path, meta: dict) -> UserEdit:
             vector = basis[f"{site}.mean"] + tensors[f"{index}.coef"] @ basis[f"{site}.basis"]
             edits.append(SiteEdit(**entry, vector=vector))
         else:
-            edits.append(SiteEdit(**entry, **{n: tensors.get(f"{index}.{n}") for n in ("vector", "direction", "basis")}))
+            edits.append(SiteEdit(**entry, **{n: tensors.get(f"{index}.{n}") for n in TENSOR_FIELDS}))
     return UserEdit(meta["user_id"], edits, meta["model_fingerprint"], int(meta["d_model"]), meta["positions"],
                     meta.get("method", ""), meta.get("provenance", {}))
 

@@ -18,6 +18,8 @@ Ops (``h`` ``[B, T, d]``, one edit per batch row; pass ``[N, 1, d]`` for one per
 * :func:`project_edit` — ``h − b·(h·u)u + s·v`` with a unit ``u`` per user, or ``h − b·UᵀUh + s·v``;
 * :func:`add_edit_rms_norm` — ``r' = x + r + s·V[idx]``, ``y = rmsnorm(r')·w`` in one pass (the
   input of the next attention in llama-style models); :func:`fused_steering` wires it into a model;
+* :func:`lowrank_edit` — ``h + a·Rᵀ(Wh + β − Rh)`` (LoReFT) with per-user R, W, β, a: the reference
+  only (no Triton kernel yet), differentiable, shared by training and serving;
 * :func:`attn_out_edit` — ``o + s·V[idx]`` on an attention output; a *composition* (attention, then
   gather-add), since repedit has no Triton attention whose epilogue it could join;
   :func:`value_edit_as_attn_out` converts a value-path edit into it.
@@ -35,6 +37,7 @@ from typing import Callable
 import torch
 
 from . import reference
+from .reference import lowrank_edit
 from .ops import (
     INTERPRET,
     TRITON_IMPORT_ERROR,
@@ -49,7 +52,7 @@ from .ops import (
 
 __all__ = [
     "INTERPRET", "TRITON_IMPORT_ERROR", "FusedSteeringHandle", "add_edit_rms_norm", "attn_out_edit", "backend", "compiled",
-    "fused_steering", "gather_add", "project_edit", "reference", "triton_available", "uses_triton", "value_edit_as_attn_out",
+    "fused_steering", "gather_add", "lowrank_edit", "project_edit", "reference", "triton_available", "uses_triton", "value_edit_as_attn_out",
 ]
 
 _REFERENCE_OPS = ("gather_add", "project_edit", "add_edit_rms_norm", "attn_out_edit")

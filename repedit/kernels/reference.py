@@ -101,6 +101,32 @@ def project_edit(
     return _finish(out, h3, idx, inactive, h.shape)
 
 
+def lowrank_edit(
+    h: torch.Tensor,
+    idx: torch.Tensor,
+    basis: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    strength: torch.Tensor,
+) -> torch.Tensor:
+    """LoReFT-style low-rank edit per row: ``out = h + a·Rᵀ(Wh + β − Rh)``.
+
+    ``basis`` (R) and ``weight`` (W) ``[R_users, k, d]``, ``bias`` (β) ``[R_users, k]``, ``strength``
+    (a) ``[R_users]``; R has orthonormal rows (zero rows as padding). Differentiable in every table,
+    so training (:func:`repedit.steering.train_user_edits`) and serving share this function.
+    """
+    h3 = _as_3d(h)
+    dtype = h.dtype
+    inactive = _has_inactive(idx)
+    r = _gather(basis, idx, inactive).to(dtype)
+    w = _gather(weight, idx, inactive).to(dtype)
+    beta = _gather(bias, idx, inactive).to(dtype)
+    a = _gather(strength, idx, inactive).to(dtype)
+    coords = torch.einsum("btd,bkd->btk", h3, w - r) + beta[:, None, :]
+    out = h3 + a[:, None, None] * torch.einsum("btk,bkd->btd", coords, r)
+    return _finish(out, h3, idx, inactive, h.shape)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face ``LlamaRMSNorm``: ``weight · (x / sqrt(mean(x²) + eps))`` with fp32 statistics."""
     dtype = x.dtype

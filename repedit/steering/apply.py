@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from ..arch import get_adapter
 from ..hooks import register_site_hook
 from ..io import InputError
-from ..kernels import gather_add, project_edit
+from ..kernels import gather_add, lowrank_edit, project_edit
 from ..sites import parse_site
 from .edit import SiteEdit, UserEdit, check_model
 from .operators import RowParams, apply_operator
@@ -91,6 +91,7 @@ _FIELDS = {
     "chameleon": ("basis", "direction", "a", "b"),
     "clamp": ("direction", "target"),
     "gated_add": ("vector", "direction", "a", "tau"),
+    "lowrank": ("basis", "weight", "bias", "a"),
 }
 
 
@@ -111,9 +112,10 @@ def _pack(operator: str, entries: list[tuple[int, SiteEdit]], n_users: int, d_mo
         present = [(i, getattr(e, name)) for i, e in entries if getattr(e, name) is not None]
         if not present:
             return None
-        if name == "basis":
+        if name in ("basis", "weight", "bias"):
+            # Users of one site may differ in rank k: pad with zero rows (which contribute nothing).
             k = max(t.shape[0] for _, t in present)
-            out = torch.zeros(rows, k, d_model)
+            out = torch.zeros(rows, k, *present[0][1].shape[1:])
             for i, t in present:
                 out[i + 1, : t.shape[0]] = t
             return out
@@ -131,7 +133,7 @@ def _pack(operator: str, entries: list[tuple[int, SiteEdit]], n_users: int, d_mo
 
     defaults = {"a": 0.0, "b": 0.0, "target": 0.0, "tau": 1.0}
     return RowParams(**{
-        name: (table(name) if name in ("vector", "direction", "basis") else scalars(name, defaults[name]))
+        name: (table(name) if name in ("vector", "direction", "basis", "weight", "bias") else scalars(name, defaults[name]))
         for name in _FIELDS[operator]
     })
 
@@ -251,6 +253,9 @@ def _make_hook(tables: list[_Table], rules, rows, batch_index, tracker: _Positio
             elif table.operator == "project_out":
                 p = table.params
                 edited = project_edit(out, index, p.basis if p.basis is not None else p.direction, p.b)
+            elif table.operator == "lowrank":
+                p = table.params
+                edited = lowrank_edit(out, index, p.basis, p.weight, p.bias, p.a)
             else:
                 params = RowParams(**{n: (v.index_select(0, index) if v is not None else None) for n, v in vars(table.params).items()})
                 edited = apply_operator(table.operator, out, params, table.gate)

@@ -31,7 +31,9 @@ _NEEDS = {
     "chameleon": ("basis", "direction"),
     "clamp": ("direction",),
     "gated_add": ("vector",),
+    "lowrank": ("basis", "weight", "bias"),
 }
+TENSOR_FIELDS: tuple[str, ...] = ("vector", "direction", "basis", "weight", "bias")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ class SiteEdit:
 
     ``vector`` ``[d]`` is in model units; ``direction`` ``[d]`` is normalised on construction;
     ``basis`` ``[k, d]`` must have orthonormal rows. ``a``/``b`` are strengths, ``target`` the clamp
-    value, ``tau`` the gate temperature (model units), ``gate`` ``"tanh"`` or ``"relu"``.
+    value, ``tau`` the gate temperature (model units), ``gate`` ``"tanh"`` or ``"relu"``. The
+    ``lowrank`` operator reads ``basis`` (R), ``weight`` (W, ``[k, d]``) and ``bias`` (β, ``[k]``).
     """
 
     site: str
@@ -53,6 +56,8 @@ class SiteEdit:
     target: float = 0.0
     tau: float = 1.0
     gate: str = "tanh"
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.operator not in OPERATORS:
@@ -81,6 +86,15 @@ class SiteEdit:
             if not torch.isfinite(self.vector).all():
                 raise InputError(f"the vector at {self.site} has NaN or inf values")
             object.__setattr__(self, "vector", self.vector.float())
+        if self.operator == "lowrank":
+            k, d = self.basis.shape
+            if tuple(self.weight.shape) != (k, d) or tuple(self.bias.shape) != (k,):
+                raise InputError(f"the lowrank edit at {self.site} needs weight [{k}, {d}] and bias [{k}] next to its basis [{k}, {d}], "
+                                 f"got weight {list(self.weight.shape)} and bias {list(self.bias.shape)}")
+            if not (torch.isfinite(self.weight).all() and torch.isfinite(self.bias).all()):
+                raise InputError(f"the lowrank edit at {self.site} has NaN or inf values")
+            object.__setattr__(self, "weight", self.weight.float())
+            object.__setattr__(self, "bias", self.bias.float())
 
     @property
     def d_model(self) -> int:
@@ -158,7 +172,7 @@ class UserEdit:
         return self._combine(other, -1.0)
 
     def __mul__(self, factor: float) -> "UserEdit":
-        """Scale every edit's main strength (``a`` for add/chameleon/gated_add, ``b`` for project_out)."""
+        """Scale every edit's main strength (``a`` for add/chameleon/gated_add/lowrank, ``b`` for project_out)."""
         scaled = []
         for edit in self.edits:
             if edit.operator == "project_out":
@@ -203,7 +217,7 @@ class UserEdit:
         entries = []
         for index, edit in enumerate(self.edits):
             entry = {"site": edit.site, "operator": edit.operator, "a": edit.a, "b": edit.b, "target": edit.target, "tau": edit.tau, "gate": edit.gate}
-            for name in ("vector", "direction", "basis"):
+            for name in TENSOR_FIELDS:
                 tensor = getattr(edit, name)
                 if tensor is not None:
                     tensors[f"{index}.{name}"] = tensor
@@ -226,7 +240,7 @@ class UserEdit:
             raise InputError(f"{base}.json: not a repedit user edit (field 'format')")
         tensors = load_tensors(base.with_name(base.name + ".safetensors"))
         edits = [
-            SiteEdit(**entry, **{name: tensors.get(f"{index}.{name}") for name in ("vector", "direction", "basis")})
+            SiteEdit(**entry, **{name: tensors.get(f"{index}.{name}") for name in TENSOR_FIELDS})
             for index, entry in enumerate(meta["edits"])
         ]
         edit = cls(meta["user_id"], edits, meta["model_fingerprint"], int(meta["d_model"]), meta["positions"], meta.get("method", ""), meta.get("provenance", {}))

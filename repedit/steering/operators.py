@@ -13,7 +13,13 @@ project_out   ``h − b·(h·u)u``  or, for a subspace, ``h − b·UᵀUh``     
 chameleon     ``h + a·UᵀUh − b·(h·u)u``                                   U (personalised), u (neutral), a, b
 clamp         ``h + (t − h·u)u``  (the projection on u becomes ``t``)     u, t
 gated_add     ``h + a·g((h·u)/τ)·v``, g = tanh or relu                    v, u = v/‖v‖, a, τ
+lowrank       ``h + a·Rᵀ(Wh + β − Rh)`` (LoReFT, Wu et al. 2024)           R = U (k × d, orthonormal
+                                                                          rows), W (k × d), β (k), a
 ============  ==========================================================  =========================
+
+``lowrank`` replaces the coordinates of ``h`` in the subspace spanned by R's rows by the learned
+affine function ``Wh + β`` (``a`` = 1); it is what :func:`repedit.steering.train_user_edits` learns
+with ``kind="lowrank"``. With ``W = R`` it adds the constant ``Rᵀβ``: a rank-k additive vector.
 
 Directional *ablation* (Arditi et al.) is ``project_out`` applied at every layer's residual writes;
 :func:`repedit.steering.ablation` builds that edit.
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-OPERATORS: tuple[str, ...] = ("add", "project_out", "chameleon", "clamp", "gated_add")
+OPERATORS: tuple[str, ...] = ("add", "project_out", "chameleon", "clamp", "gated_add", "lowrank")
 GATES: tuple[str, ...] = ("tanh", "relu")
 
 
@@ -44,6 +50,8 @@ class RowParams:
     b: torch.Tensor | None = None
     target: torch.Tensor | None = None
     tau: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
 
 def _proj(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -55,6 +63,13 @@ def _subspace_component(h: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """``UᵀUh`` per token for ``basis`` ``[B, k, d]``: ``[B, T, d]``."""
     coords = torch.einsum("btd,bkd->btk", h, basis)
     return torch.einsum("btk,bkd->btd", coords, basis)
+
+
+def lowrank_delta(h: torch.Tensor, basis: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``a·Rᵀ(Wh + β − Rh)`` per row: ``[B, T, d]`` for ``h`` ``[B, T, d]``, ``basis``/``weight``
+    ``[B, k, d]``, ``bias`` ``[B, k]``, ``a`` ``[B]`` (rows with ``a = 0`` get exactly zero)."""
+    coords = torch.einsum("btd,bkd->btk", h, weight - basis) + bias[:, None, :]
+    return a[:, None, None] * torch.einsum("btk,bkd->btd", coords, basis)
 
 
 def apply_operator(operator: str, h: torch.Tensor, p: RowParams, gate: str = "tanh") -> torch.Tensor:
@@ -85,4 +100,6 @@ def apply_operator(operator: str, h: torch.Tensor, p: RowParams, gate: str = "ta
         scaled = _proj(h, u) / col(p.tau)
         gated = torch.tanh(scaled) if gate == "tanh" else torch.relu(scaled)
         return h + col(p.a) * gated * p.vector.to(dtype)[:, None, :]
+    if operator == "lowrank":
+        return h + lowrank_delta(h, p.basis.to(dtype), p.weight.to(dtype), p.bias.to(dtype), p.a.to(dtype))
     raise ValueError(f"unknown operator {operator!r}: expected one of {', '.join(OPERATORS)}")

@@ -92,7 +92,10 @@ def _fit(args: argparse.Namespace) -> None:
     pairs = read_pairs(args.pairs)
     model, tokenizer = load_model(args.model)
     positions = int(args.positions) if args.positions.isdigit() else args.positions
-    if args.auto:
+    if args.method in ("trained", "trained_lowrank"):
+        edits = _fit_trained(args, model, tokenizer, pairs)
+        edits = {user: dataclasses.replace(edit, positions=positions) for user, edit in edits.items()}
+    elif args.auto:
         from .io import write_json
         from .steering.fit import default_layers
         from .steering.select import select_layer_strength, split_for_selection
@@ -118,6 +121,46 @@ def _fit(args: argparse.Namespace) -> None:
     print(f"{len(edits)} edits -> {args.out}")
 
 
+def _fit_trained(args: argparse.Namespace, model, tokenizer, pairs) -> dict:
+    """``repedit fit --method trained|trained_lowrank``: train, then (with ``--auto``) pick each user's
+    strength by the fluency of generated answers on their validation items; writes ``training.json``."""
+    from .io import write_json
+    from .pairs import REAL_HISTORY
+    from .steering.select import HeldOut
+    from .steering.train import TrainSettings, train_user_edits
+
+    settings = TrainSettings(
+        kind="lowrank" if args.method == "trained_lowrank" else "vector", layers=tuple(args.layers) if args.layers else None,
+        rank=args.rank, epochs=args.epochs, lr=args.lr, kl_weight=args.kl_weight, preference_weight=args.preference_weight,
+        val_items=args.val_items, batch_size=args.batch_size, seed=args.seed,
+    )
+    result = train_user_edits(model, tokenizer, pairs, settings=settings)
+    record = {"settings": result.settings, "best": result.best, "history": result.history, "seconds": result.seconds}
+    edits = result.edits
+    if args.auto:
+        from .steering.strength import select_strength_by_generation
+
+        real = {}
+        for pair in pairs:
+            if pair.source == REAL_HISTORY:
+                real.setdefault(pair.user_id, []).append(pair)
+        validation = [HeldOut(u, p.prompt, p.personalized) for u, ps in real.items() for p in ps[-settings.val_items:]]
+        neutral = list(dict.fromkeys((p.prompt, p.neutral) for p in pairs if p.source != REAL_HISTORY))[:4]
+        selection = select_strength_by_generation(model, tokenizer, edits, validation, neutral=neutral, factors=args.strengths)
+        edits = selection.edits
+        record["selection"] = {"choices": selection.choices, "grid": selection.grid}
+        write_json(f"{args.out}/selection.json", {"max_kl": None, "choices": selection.choices, "grid": selection.grid, "rule": "fluency"})
+        for user, choice in selection.choices.items():
+            print(f"{user}: strength {choice['strength']}, validation gain {choice['gain']:+.3f} nats/token, KL {choice['kl']:.3f}, "
+                  f"fluent {choice['fluent']}")
+    write_json(f"{args.out}/training.json", record)
+    for user, best in result.best.items():
+        print(f"{user}: validation NLL {best['unsteered_val_nll']:.3f} unsteered -> {best['init_val_nll']:.3f} mean difference -> "
+              f"{best['val_nll']:.3f} trained (epoch {best['epoch']})")
+    print(f"trained {len(result.edits)} users jointly in {result.seconds:.1f} s")
+    return edits
+
+
 def _eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -126,7 +169,7 @@ def _eval(args: argparse.Namespace) -> None:
     from .io import read_json
     from .models import load_model
     from .pairs import read_pairs
-    from .steering.eval_report import write_eval_report
+    from .steering.eval_report import format_conditions_table, write_eval_report
     from .store import VectorStore
     from .steering.evaluation import EVAL_SETTINGS, eval_inputs, evaluate_users
     from .userdata import demo_users_path, read_users
@@ -143,7 +186,7 @@ def _eval(args: argparse.Namespace) -> None:
     settings = GenerationSettings(**{**EVAL_SETTINGS.to_dict(), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size})
     evaluation = evaluate_users(
         model, tokenizer, inputs.test_items, edits, insights=inputs.insights, history=inputs.history, neutral=inputs.neutral,
-        embedder=embedder, factors=args.factors, settings=settings, max_kl=selection.get("max_kl", args.max_kl),
+        embedder=embedder, examples=inputs.examples, factors=args.factors, settings=settings, max_kl=selection.get("max_kl") or args.max_kl,
     )
     path = write_eval_report(evaluation, args.out, grid=selection.get("grid"))
     s = evaluation.summary
@@ -153,6 +196,7 @@ def _eval(args: argparse.Namespace) -> None:
               f"{metrics['unsteered']['style_margin']:+.3f} / {metrics['prompt_only']['style_margin']:+.3f} / {metrics['steered']['style_margin']:+.3f}")
     print(f"steered beats unsteered on held-out log-likelihood for {s['steered']['users_loglik_better']}/{s['n_users']} users "
           f"(mean {s['steered']['loglik_gain']:+.3f} nats/token), prompt-only for {s['prompt_only']['users_loglik_better']}/{s['n_users']}")
+    print(format_conditions_table(evaluation))
     print(f"report -> {path}")
 
 
@@ -171,7 +215,8 @@ def _demo(args: argparse.Namespace) -> None:
 
     settings = DemoSettings(
         n_users=args.n_users, n_prompts=args.n_prompts, hold_out=args.hold_out, pair_tokens=args.pair_tokens, probe_every=args.probe_every,
-        layers=tuple(args.layers), strengths=tuple(args.strengths), max_kl=args.max_kl, eval_tokens=args.eval_tokens,
+        layers=tuple(args.layers), strengths=tuple(args.strengths), max_kl=args.max_kl, eval_tokens=args.eval_tokens, method=args.method,
+        train_epochs=args.train_epochs,
     )
     run_demo(args.model, args.out, settings)
 
@@ -213,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--hold-out", type=int, default=defaults.hold_out, help="history items per user kept unseen for evaluation")
     demo.add_argument("--pair-tokens", type=int, default=defaults.pair_tokens, help="max new tokens of generated pair answers")
     demo.add_argument("--probe-every", type=int, default=defaults.probe_every, help="probe every n-th resid_post layer")
-    demo.add_argument("--layers", type=int, nargs="+", default=list(defaults.layers), help="layers swept by the selection")
+    demo.add_argument("--method", default=defaults.method, choices=["trained", "trained_lowrank", "stylevector", "caa", "pca", "chameleon"],
+                      help="edit method (default: trained vectors, strength chosen by the fluency of generated answers)")
+    demo.add_argument("--train-epochs", type=int, default=defaults.train_epochs, help="most epochs of the trained edits (early stopping per user)")
+    demo.add_argument("--layers", type=int, nargs="+", default=list(defaults.layers), help="layers swept by the KL-limited selection (fit methods)")
     demo.add_argument("--strengths", type=float, nargs="+", default=list(defaults.strengths), help="strengths swept by the selection")
     demo.add_argument("--max-kl", type=float, default=defaults.max_kl, help="fluency limit, nats/token")
     demo.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens, help="max new tokens of evaluation answers")
@@ -244,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--pairs", required=True, help="pairs JSONL/CSV (repedit pairs output, or your own)")
     fit.add_argument("--out", required=True, help="output directory: <user>.safetensors + <user>.json, index.json")
     fit.add_argument("--model", default="smollm2-135m-instruct", help="model alias, HF id, local folder or .gguf path")
-    fit.add_argument("--method", default="caa", choices=["caa", "pca", "chameleon", "stylevector"])
+    fit.add_argument("--method", default="caa", choices=["caa", "pca", "chameleon", "stylevector", "trained", "trained_lowrank"],
+                     help="trained / trained_lowrank: gradient-trained edits on the users' real texts (repedit.steering.train)")
     fit.add_argument("--layers", type=int, nargs="+", default=None, help="resid_post layers to edit (default: 40%% depth)")
     fit.add_argument("--strength", type=float, default=1.0, help="strength a of each edit (1 = the fitted vector)")
     fit.add_argument("--neutral-strength", type=float, default=1.0, help="strength b of the CHAMELEON projection-out")
@@ -254,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--strengths", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0], help="strengths swept by --auto")
     fit.add_argument("--max-kl", type=float, default=0.05, help="fluency limit for --auto: KL to the unsteered model, nats/token")
     fit.add_argument("--held-out-fraction", type=float, default=0.3, help="share of each user's real-history pairs held out for --auto")
+    fit.add_argument("--epochs", type=int, default=8, help="trained methods: most epochs (early stopping per user)")
+    fit.add_argument("--lr", type=float, default=0.05, help="trained methods: Adam learning rate of vectors (model units)")
+    fit.add_argument("--kl-weight", type=float, default=0.1, help="trained methods: weight of KL(unsteered || steered) on neutral text")
+    fit.add_argument("--preference-weight", type=float, default=0.0, help="trained methods: weight of the BiPO-style preference term")
+    fit.add_argument("--rank", type=int, default=4, help="trained_lowrank: rank k of the edit")
+    fit.add_argument("--val-items", type=int, default=2, help="trained methods: each user's last N real-history pairs validate (early stopping)")
+    fit.add_argument("--seed", type=int, default=0)
     fit.set_defaults(run=_fit)
 
     ev = commands.add_parser("eval", help="held-out evaluation per user: unsteered vs prompt-only vs steered; JSON + HTML report")

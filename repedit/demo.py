@@ -49,9 +49,12 @@ class DemoSettings:
     pair_tokens: int = 48  # max_new_tokens of the generated answers (cut answers are trimmed to a full sentence)
     probe_every: int = 3  # probe resid_post at every n-th layer
     probe_methods: tuple[str, ...] = ("diff_of_means", "logistic_regression", "pca_of_differences")
-    method: str = "stylevector"  # the users' own texts vs the model's neutral answers
-    layers: tuple[int, ...] = (6, 9, 12)
+    method: str = "trained"  # gradient-trained vectors (repedit.steering.train); or stylevector, caa, ... (KL-limited sweep)
+    layers: tuple[int, ...] = (6, 9, 12)  # swept by the KL-limited selection of the fit methods
+    train_layers: tuple[int, ...] = (12,)  # the trained edit's resid_post layers
+    train_epochs: int = 8
     strengths: tuple[float, ...] = (0.25, 0.5, 1.0)
+    train_factors: tuple[float, ...] = (0.5, 1.0, 1.5)  # strength factors of the trained edit judged by the fluency rule
     max_kl: float = 0.05
     n_neutral: int = 6  # neutral answers the KL is measured on (each costs one forward per user and candidate)
     factors: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)  # effect-vs-strength multipliers of each selected edit
@@ -111,6 +114,8 @@ def run_demo(model_spec: str = DEFAULT_MODEL, out_dir: str | Path = "runs/demo",
     report, acts = stages.run("probes", probes, lambda: (ProbeReport.load(out_dir / "probes"), Activations.load(out_dir / "activations")))
 
     def select() -> tuple[dict[str, UserEdit], dict[str, Any]]:
+        if settings.method in ("trained", "trained_lowrank"):
+            return _train_and_select(model, tokenizer, pairs, settings, out_dir)
         train, validation, neutral = split_for_selection(pairs, max_neutral=settings.n_neutral)
         selection = select_layer_strength(
             model, tokenizer, train, validation, neutral, method=settings.method, layers=settings.layers,
@@ -134,6 +139,7 @@ def run_demo(model_spec: str = DEFAULT_MODEL, out_dir: str | Path = "runs/demo",
         inputs = eval_inputs(users, pairs, settings.hold_out, max_neutral=settings.n_neutral)
         evaluation = evaluate_users(
             model, tokenizer, inputs.test_items, edits, insights=inputs.insights, history=inputs.history, neutral=inputs.neutral,
+            examples=inputs.examples,
             embedder=default_embedder(model, tokenizer), max_kl=settings.max_kl, factors=settings.factors,
             settings=GenerationSettings(max_new_tokens=settings.eval_tokens, repetition_penalty=1.2, batch_size=settings.batch_size),
         )
@@ -152,8 +158,35 @@ def run_demo(model_spec: str = DEFAULT_MODEL, out_dir: str | Path = "runs/demo",
     print(f"held-out log-likelihood: steered beats unsteered for {s['steered']['users_loglik_better']}/{s['n_users']} users "
           f"(mean {s['steered']['loglik_gain']:+.3f} nats/token, KL {s['steered']['kl']:.3f}); prompt-only for "
           f"{s['prompt_only']['users_loglik_better']}/{s['n_users']} (mean {s['prompt_only']['loglik_gain']:+.3f})")
+    from .steering.eval_report import format_conditions_table
+
+    print(format_conditions_table(evaluation))
     print(f"report: {path}")
     return path
+
+
+def _train_and_select(model, tokenizer, pairs, settings: DemoSettings, out_dir: Path) -> tuple[dict[str, UserEdit], dict[str, Any]]:
+    """Train every user's edit jointly, then pick each user's strength by the fluency of generated answers."""
+    from .pairs import REAL_HISTORY
+    from .steering.select import HeldOut
+    from .steering.strength import select_strength_by_generation
+    from .steering.train import TrainSettings, train_user_edits
+
+    train_settings = TrainSettings(kind="lowrank" if settings.method == "trained_lowrank" else "vector", layers=settings.train_layers,
+                                   epochs=settings.train_epochs, n_neutral=settings.n_neutral, batch_size=settings.batch_size)
+    result = train_user_edits(model, tokenizer, pairs, settings=train_settings)
+    real: dict[str, list] = {}
+    for pair in pairs:
+        if pair.source == REAL_HISTORY:
+            real.setdefault(pair.user_id, []).append(pair)
+    validation = [HeldOut(u, p.prompt, p.personalized) for u, ps in real.items() for p in ps[-train_settings.val_items:]]
+    neutral = list(dict.fromkeys((p.prompt, p.neutral) for p in pairs if p.source != REAL_HISTORY))[: settings.n_neutral]
+    selection = select_strength_by_generation(model, tokenizer, result.edits, validation, neutral=neutral, factors=settings.train_factors)
+    save_edits(selection.edits, out_dir / "edits")
+    record = {"max_kl": None, "rule": "fluency of generated answers", "choices": selection.choices, "grid": selection.grid,
+              "training": {"seconds": result.seconds, "best": result.best, "history": result.history, "settings": result.settings}}
+    write_json(out_dir / "edits" / "selection.json", record)
+    return selection.edits, record
 
 
 def _export(model, edits: dict[str, UserEdit], out_dir: Path) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import pytest
 
 from repedit.demo import DemoSettings, run_demo
 
-TINY = DemoSettings(n_users=2, n_prompts=2, hold_out=3, pair_tokens=40, probe_every=10, layers=(9,), strengths=(0.5,), eval_tokens=8)
+TINY = DemoSettings(n_users=2, n_prompts=2, hold_out=3, pair_tokens=40, probe_every=10, layers=(9,), strengths=(0.5,), eval_tokens=8,
+                    train_epochs=2)
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -22,7 +23,7 @@ def demo_run(tmp_path_factory, default_model_and_tokenizer):
 
     out = tmp_path_factory.mktemp("demo") / "run"
     assert main(["demo", "--out", str(out), "--n-users", "2", "--n-prompts", "2", "--hold-out", "3", "--pair-tokens", "40", "--probe-every", "10",
-                 "--layers", "9", "--strengths", "0.5", "--eval-tokens", "8"]) == 0
+                 "--layers", "9", "--strengths", "0.5", "--eval-tokens", "8", "--train-epochs", "2"]) == 0
     return out, out / "report.html"
 
 

@@ -12,7 +12,8 @@ from repedit.embedding import Embedder, minilm_available, minilm_embedder, model
 from repedit.generation import GenerationSettings, generate_batch
 from repedit.inputs import encode
 from repedit.io import InputError
-from repedit.pairs import REAL_HISTORY, SELF_GENERATED, Pair
+from repedit.pairs import REAL_HISTORY, SELF_GENERATED, Pair, PairTemplates
+from repedit.steering.measures import StyleAttributor
 from repedit.steering import fit_user_edits, save_edits
 from repedit.steering.evaluation import Evaluation, eval_inputs, evaluate_users, generate_with_edits
 from repedit.steering.scoring import response_logprobs
@@ -102,9 +103,27 @@ def test_evaluate_users_numbers_match_direct_computation(tiny_model, tokenizer):
     toy = _BagOfWords()
     evaluation = evaluate_users(
         model, tokenizer, inputs.test_items, edits, insights=inputs.insights, history=inputs.history, neutral=inputs.neutral,
-        embedder=Embedder("toy", toy), factors=(0.0, 1.0), settings=SETTINGS, progress=False,
+        embedder=Embedder("toy", toy), examples=inputs.examples, factors=(0.0, 1.0), settings=SETTINGS, progress=False,
     )
     alice = [h for h in inputs.test_items if h.user_id == "alice"]
+    # Few-shot: alice's own last training items as earlier turns; prompt + steered: the insights prompt and the edit.
+    shots = [turn for p, t in inputs.examples["alice"] for turn in ({"role": "user", "content": p}, {"role": "assistant", "content": t})]
+    assert len(inputs.examples["alice"]) == 4 and inputs.examples["alice"][-1] == (PROMPTS[3], "YO!!! lol item 3")
+    few = response_logprobs(model, tokenizer, [shots + [{"role": "user", "content": h.prompt}] for h in alice], [h.text for h in alice])
+    personal = [[{"role": "system", "content": PairTemplates().personalized_system.format(insights=inputs.insights["alice"])},
+                 {"role": "user", "content": h.prompt}] for h in alice]
+    both = response_logprobs(model, tokenizer, personal, [h.text for h in alice], edits=[edits["alice"]], rows=[0, 0])
+    assert evaluation.per_user["alice"]["few_shot"]["loglik"] == pytest.approx(float(few.mean()), abs=1e-5)
+    assert evaluation.per_user["alice"]["prompt_steered"]["loglik"] == pytest.approx(float(both.mean()), abs=1e-5)
+    assert evaluation.per_user["alice"]["few_shot"]["context_tokens"] > evaluation.per_user["alice"]["prompt_only"]["context_tokens"] > evaluation.per_user["alice"]["unsteered"]["context_tokens"]
+    assert evaluation.per_user["alice"]["steered"]["context_tokens"] == evaluation.per_user["alice"]["unsteered"]["context_tokens"]
+    # Attribution: the summary's accuracy is an independent classifier's, recomputed here.
+    attributor = StyleAttributor().fit([t for u in inputs.history for t in inputs.history[u]], [u for u in inputs.history for _ in inputs.history[u]])
+    for condition in ("unsteered", "steered", "few_shot"):
+        answers_c = [s[condition] for s in evaluation.samples]
+        assert evaluation.summary["attribution"][condition] == pytest.approx(attributor.accuracy(answers_c, [s["user_id"] for s in evaluation.samples]))
+    assert evaluation.summary["attribution"]["reference"] == pytest.approx(attributor.accuracy([h.text for h in inputs.test_items], [h.user_id for h in inputs.test_items]))
+    assert set(evaluation.summary["latency_s"]) == {"unsteered", "prompt_only", "few_shot", "steered", "prompt_steered"}
     base = response_logprobs(model, tokenizer, [h.prompt for h in alice], [h.text for h in alice])
     steered = response_logprobs(model, tokenizer, [h.prompt for h in alice], [h.text for h in alice], edits=[edits["alice"]], rows=[0, 0])
     metrics = evaluation.per_user["alice"]
@@ -124,7 +143,7 @@ def test_evaluate_users_numbers_match_direct_computation(tiny_model, tokenizer):
     assert ("cara", 1.0) not in curve
     from repedit.steering.eval_report import gain_bars
 
-    prompt_only, steered_bars = gain_bars(evaluation).data
+    prompt_only, few_shot_bars, steered_bars, prompt_steered_bars = gain_bars(evaluation).data
     assert steered_bars.y[0] == pytest.approx(metrics["steered"]["loglik"] - metrics["unsteered"]["loglik"])
     assert prompt_only.y[2] == pytest.approx(cara["prompt_only"]["loglik"] - cara["unsteered"]["loglik"]) and steered_bars.y[2] == 0
     summary = evaluation.summary

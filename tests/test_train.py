@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 
 import pytest
@@ -140,3 +141,45 @@ def test_training_refuses_users_with_too_few_items_and_stops_on_nan(tiny_model, 
         train_user_edits(model, tokenizer, pairs, settings=FAST, progress=False)
     with pytest.raises(InputError, match=r"user 'alice' gave a non-finite loss"):
         train_user_edits(model, tokenizer, make_pairs(), settings=dataclasses.replace(FAST, lr=math.nan), progress=False)
+
+
+def test_fit_cli_trains_writes_edits_and_writes_nothing_on_nan(tiny_folder, tmp_path):
+    from repedit.cli import main
+
+    from conftest import write_pairs_jsonl
+
+    folder, model = tiny_folder
+    pairs_file = write_pairs_jsonl(tmp_path / "pairs.jsonl", make_pairs())
+    out = tmp_path / "edits"
+    assert main(["fit", "--method", "trained", "--pairs", str(pairs_file), "--out", str(out), "--model", str(folder),
+                 "--layers", "1", "--epochs", "2"]) == 0
+    store = VectorStore(out)
+    assert store.list_users() == sorted(STYLES)
+    assert store.get("alice", model=model).method == "trained"
+    record = json.loads((out / "training.json").read_text())
+    assert set(record["best"]) == set(STYLES) and record["settings"]["epochs"] == 2
+    bad = tmp_path / "bad"
+    assert main(["fit", "--method", "trained_lowrank", "--pairs", str(pairs_file), "--out", str(bad), "--model", str(folder),
+                 "--layers", "1", "--epochs", "2", "--lr", "nan"]) == 2
+    assert not bad.exists()
+
+
+@pytest.mark.default_model
+def test_fluency_rule_rejects_a_degenerate_edit_and_admits_the_unsteered_model(default_model_and_tokenizer):
+    from repedit.generation import GenerationSettings
+    from repedit.steering.select import HeldOut
+    from repedit.steering.strength import select_strength_by_generation
+
+    model, tokenizer = default_model_and_tokenizer
+    torch.manual_seed(0)
+    # 40x the residual norm at layer 12 (~100): far beyond any style, the answers loop or fall apart.
+    vector = torch.randn(576)
+    huge = UserEdit("u", [SiteEdit("resid_post.12", "add", vector=vector / vector.norm() * 4000.0)], repedit.model_fingerprint(model), 576)
+    validation = [HeldOut("u", "How do I keep basil alive indoors?", "South window. Water when the soil's dry. Pinch the tops."),
+                  HeldOut("u", "What's a good way to start running?", "Run-walk intervals. Three days a week. Go slow.")]
+    selection = select_strength_by_generation(model, tokenizer, {"u": huge}, validation, factors=(0.0, 1.0),
+                                              settings=GenerationSettings(max_new_tokens=32, repetition_penalty=1.2, batch_size=4), progress=False)
+    rows = {r["strength"]: r for r in selection.grid}
+    assert rows[0.0]["fluent"] and rows[0.0]["gain"] == pytest.approx(0.0, abs=1e-6)
+    assert not rows[1.0]["fluent"] and rows[1.0]["reasons"], rows[1.0]
+    assert selection.choices["u"]["strength"] == 0.0 and "u" not in selection.edits

@@ -38,9 +38,8 @@ from ..io import InputError
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 _SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|\n+")
 _EMOJI_BASE = "\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\u2300-\u23FF"
-_EMOJI = re.compile(
-    rf"[\U0001F1E6-\U0001F1FF]{{2}}|[{_EMOJI_BASE}][\uFE0F\U0001F3FB-\U0001F3FF]*(?:\u200D[{_EMOJI_BASE}][\uFE0F]?)*"
-)
+# One emoji = a flag pair, or a pictograph with its variation selector, skin tone and ZWJ continuations.
+_EMOJI = re.compile(rf"[\U0001F1E6-\U0001F1FF]{{2}}|[{_EMOJI_BASE}][\uFE0F\U0001F3FB-\U0001F3FF]*(?:\u200D[{_EMOJI_BASE}]\uFE0F?)*")
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _BACKTICK_SPAN = re.compile(r"`[^`\n]*`")
 
@@ -58,7 +57,7 @@ SLANG_WORDS = frozenset(
 _FIRST_PERSON = frozenset("i me my mine myself we us our ours ourselves".split())
 _SECOND_PERSON = frozenset("you your yours yourself yourselves u ur ya".split())
 
-#: The fixed marker set, in report order: name -> (unit, description).
+#: The fixed marker set, in report order: name -> what it counts (its unit).
 MARKERS: dict[str, str] = {
     "emoji_per_word": "emoji / words",
     "exclamations_per_sentence": "'!' characters / sentences",
@@ -137,9 +136,8 @@ def rank_markers(
     """Every marker scored by the pre-registered rule (module docstring), eligible ones first, best first."""
     if not user_texts or not unsteered_answers or len(all_users_texts) < 2:
         raise InputError("choose_marker needs the user's texts, unsteered answers and at least 2 users' texts")
-    empty = [u for u, texts in all_users_texts.items() if not texts]
-    if empty:
-        raise InputError(f"users without training texts: {sorted(empty)}")
+    if empty := sorted(u for u, texts in all_users_texts.items() if not texts):
+        raise InputError(f"users without training texts: {empty}")
     per_text_u = [lexical_markers(t) for t in user_texts]
     per_text_s = [lexical_markers(t) for t in unsteered_answers]
     per_user = [marker_means(texts) for texts in all_users_texts.values()]
@@ -157,21 +155,18 @@ def rank_markers(
 
 def choose_marker(
     user_texts: Sequence[str], unsteered_answers: Sequence[str], all_users_texts: Mapping[str, Sequence[str]]
-) -> str:
-    """The marker that represents this user (pre-registered rule, module docstring).
+) -> str | None:
+    """The marker that represents this user (pre-registered rule, module docstring), or ``None``
+    when no marker is eligible (e.g. a style carried by vocabulary, like cooking metaphors: report
+    style attribution only for that user).
 
     Args:
         user_texts: the user's real *training* texts.
         unsteered_answers: the unsteered model's answers (no steered output may be used here).
         all_users_texts: user id -> training texts, for every user (this one included).
-
-    Raises:
-        InputError: no marker is eligible (the user's texts do not differ from the unsteered answers).
     """
     best = rank_markers(user_texts, unsteered_answers, all_users_texts)[0]
-    if not best.eligible:
-        raise InputError("no lexical marker separates this user's texts from the unsteered answers")
-    return best.marker
+    return best.marker if best.eligible else None
 
 
 def marker_movement(unsteered: float, steered: float, real: float) -> float:
@@ -183,8 +178,9 @@ def marker_movement(unsteered: float, steered: float, real: float) -> float:
 # --- degeneration -------------------------------------------------------------------------------
 
 _TOKEN = re.compile(r"[^\W_]+(?:['’][^\W_]+)*|[^\w\s]")
-_STRIP = ".,;:!?\"'()[]{}«»“”‘’…"
+_STRIP = ".,;:!?\"'()«»“”‘’…*_`"  # sentence punctuation and markdown emphasis
 _LATIN_RUN = re.compile(r"[A-Za-zÀ-ÖØ-öø-ɏ]+")
+_SOUP = set("{}[]<>|\\^~+=$:;\"#*")
 _VOWELS = set("aeiouyàáâãäåæèéêëìíîïòóôõöøùúûüýÿœ")
 
 
@@ -216,10 +212,14 @@ def distinct_n(text: str, n: int = 2) -> float:
 
 def _is_nonword(chunk: str) -> bool:
     core = chunk.strip(_STRIP)
-    if not core or _EMOJI.search(core) or any(c.isdigit() for c in core):
-        return False  # pure punctuation, emoji, numbers and units ("15–20%", "3x/week") are fine
+    if not core or _EMOJI.search(core):
+        return False  # pure punctuation and emoji are fine
+    if sum(c in _SOUP for c in core) >= max(3, len(core) / 4):
+        return True  # text buried in code/markup symbols ("+:#usel:+w-sell:", "{1_Woonen}}"): over-steering
+    if any(c.isdigit() for c in core):
+        return False  # numbers and units ("15–20%", "3x/week", "~2x")
     if not any(c.isalpha() for c in core):
-        return len(core) >= 2  # a run of symbols ("#$%", "==>>"); a lone dash or bullet is fine
+        return len(core) >= 2  # a run of symbols ("#$%", "{{}}"); a lone dash, bullet or brace is fine
     for run in _LATIN_RUN.findall(core):
         if len(run) > 20:
             return True
@@ -232,11 +232,14 @@ def _is_nonword(chunk: str) -> bool:
 def nonword_rate(text: str) -> float:
     """Share of whitespace-separated chunks that are not plausible words (0 for an empty text).
 
-    A chunk (surrounding ``.,;:!?"'()[]…`` stripped) is a nonword when it is a run of >= 2 symbols
-    with no letter, digit or emoji, or has a Latin letter run longer than 20 letters, or one of >= 4
-    letters without a vowel (a e i o u y, accented too) that is not all-caps. Emoji, numbers and
-    non-Latin scripts are never nonwords. A cheap backstop: subword token soup made of real letters
-    ("ingly ationment") passes here and is left to the perplexity check of :class:`FluencyRule`.
+    A chunk, with surrounding sentence punctuation and markdown emphasis (``.,;:!?"'()«»“”‘’…*_```)
+    stripped, is a nonword when (1) at least 3 and at least a quarter of its characters are code/markup
+    symbols ``{}[]<>|\\^~+=$:;"#*`` (the brace-and-colon soup that over-steered SmolLM2 produces), or
+    (2) it has no letter, digit or emoji and >= 2 characters (``#$%``), or (3) it has a Latin letter run
+    longer than 20 letters, or one of >= 4 letters without a vowel (a e i o u y, accented too) that is
+    not all-caps (``zzzz``, ``xkcdq``; acronyms such as ``HTML`` pass). Emoji, numbers with units and
+    non-Latin scripts are never nonwords. A cheap backstop: token soup made of real subwords
+    ("Hydriousimport TeenJesusCell") passes here and is left to the perplexity check of :class:`FluencyRule`.
     """
     chunks = text.split()
     return _ratio(sum(_is_nonword(c) for c in chunks), len(chunks))
@@ -274,10 +277,9 @@ class StyleAttributor:
             raise InputError(f"{len(texts)} texts but {len(users)} user labels")
         kept = [(t, u) for t, u in zip(texts, users) if t.strip()]
         self.users = sorted(set(users))
-        missing = sorted(set(users) - {u for _, u in kept})
         if len(self.users) < 2:
             raise InputError(f"style attribution needs texts of at least 2 users, got {self.users}")
-        if missing:
+        if missing := sorted(set(users) - {u for _, u in kept}):
             raise InputError(f"users with no (non-empty) texts: {missing}")
         labels = [u for _, u in kept]
         self.chance = max(labels.count(u) for u in self.users) / len(labels)
@@ -312,11 +314,8 @@ def shuffled_label_accuracy(
     """Control: the same classifier trained on randomly permuted author labels, mean test accuracy
     over ``repeats`` permutations (0–1). A real attribution accuracy must clearly beat this."""
     rng = np.random.default_rng(seed)
-    scores = [
-        StyleAttributor().fit(texts, list(rng.permutation(np.array(users, dtype=object)))).accuracy(test_texts, test_users)
-        for _ in range(repeats)
-    ]
-    return float(np.mean(scores))
+    shuffled = (list(rng.permutation(np.array(users, dtype=object))) for _ in range(repeats))
+    return float(np.mean([StyleAttributor().fit(texts, labels).accuracy(test_texts, test_users) for labels in shuffled]))
 
 
 # --- the fluency rule ---------------------------------------------------------------------------
@@ -342,20 +341,27 @@ class FluencyRule:
     Per answer, an answer is *flagged* when it is empty, or ``repeated_3gram > max_repeated_3gram``
     (0.2, fixed by issue 12: a fifth of the trigrams repeating is a loop), or ``distinct_2 <
     min_distinct_2`` (a loose backstop for short-period repetition), or ``nonword_rate >
-    max_nonword_rate`` (gibberish). Style never trips these: emoji, slang, numbers, very short or very
-    long sentences are neither repetition nor nonwords (all 96 demo texts pass with a wide margin).
+    max_nonword_rate`` (gibberish). Style does not trip these: on the 96 demo texts repeated_3gram
+    <= 0.016, distinct_2 >= 0.93, nonword_rate <= 0.067 (one "smth").
 
-    Per set, perplexity: the median perplexity of the answers (under the *unsteered* model, given
-    the prompts) must be at most ``max_perplexity_ratio × base`` with ``base = max(reference,
-    unsteered)``: ``reference`` = the median perplexity of the user's own real texts under the same
-    model, so a user who writes surprising text (pirate talk, emoji) may be answered as surprisingly
-    as they write; the unsteered answers' median perplexity, when given, keeps the base from falling
-    below what the model itself produces. The median, not the mean, because one odd answer (a short
-    one, a rare name) can have a huge perplexity without the set being broken; degeneration shows up
-    as a shift of the whole distribution. Loops have *low* perplexity, hence the text measures.
+    Per set, perplexity: the median perplexity of the answers (under the *unsteered* model, given the
+    prompts) must be <= ``max_perplexity_ratio × base``, ``base = max(reference, unsteered)``.
+    ``reference`` = the median perplexity of the user's own real texts (same model, given their
+    prompts), so a user who writes surprisingly (pirate talk, emoji) may be answered as surprisingly;
+    ``unsteered`` (the unsteered answers' median, optional) keeps the base from falling below what the
+    model itself writes. The median because one odd answer (very short, a rare name) can have a huge
+    perplexity without the set being broken. Loops have *low* perplexity, hence the text measures.
 
     The set is admissible when at most ``max_flagged_share`` of its answers are flagged (one unlucky
     sample in ten happens unsteered too) and the perplexity condition holds.
+
+    Calibration (SmolLM2-135M, demo users, 64-token answers): users' real texts have median
+    perplexity 28–145, unsteered answers 4.4. Medians of 3 random real texts of a user, over the
+    median of the other 9: 95th percentile <= 2.4 for every user (max 3.3, terse_tom) — hence 3.
+    Degenerate sets are rejected for every user's base: sampling at T=1.5 / 2.5 (token soup) by
+    perplexity (>= 21× the highest base), a random direction added at layer 15 (x0.5, 1, 2 of the
+    hidden norm; brace/colon soup and "el-el-el") by flags (19–100% of answers), which are needed:
+    its x0.5 set sits at only 2.3× the highest base.
     """
 
     max_repeated_3gram: float = 0.2
@@ -365,7 +371,7 @@ class FluencyRule:
     max_flagged_share: float = 0.1
 
     def flag(self, text: str) -> tuple[tuple[str, ...], dict[str, float]]:
-        """The measures ``text`` fails (by name) and its :func:`fluency_measures`."""
+        """The measures ``text`` fails (by name, e.g. ``("repeated_3gram",)``) and its :func:`fluency_measures`."""
         m = fluency_measures(text)
         failed = ("empty",) if not text.strip() else ()
         failed += ("repeated_3gram",) * (m["repeated_3gram"] > self.max_repeated_3gram)
@@ -377,7 +383,7 @@ class FluencyRule:
         self, answers: Sequence[str], perplexities: Sequence[float], reference_perplexity: float,
         unsteered_perplexity: float | None = None,
     ) -> FluencyVerdict:
-        """Judge ``answers`` (see the class docstring); perplexities are per answer (NaN = not scored)."""
+        """Judge ``answers`` (class docstring); ``perplexities[i]`` of answer ``i`` (NaN = not scored)."""
         if not answers or len(answers) != len(perplexities):
             raise InputError(f"FluencyRule.check needs >= 1 answer and one perplexity each, got {len(answers)} and {len(perplexities)}")
         if not reference_perplexity > 0:
@@ -393,12 +399,13 @@ class FluencyRule:
         flagged = float(np.mean([bool(f) for f in flags]))
         reasons = []
         if flagged > self.max_flagged_share:
-            for name in ("empty", "repeated_3gram", "distinct_2", "nonword_rate"):
-                bad = [m.get(name, 0.0) for f, m in zip(flags, per_answer) if name in f]
-                if bad:
-                    limit = {"repeated_3gram": f"> {self.max_repeated_3gram}", "distinct_2": f"< {self.min_distinct_2}",
-                             "nonword_rate": f"> {self.max_nonword_rate}", "empty": ""}[name]
-                    reasons.append(f"{name} {limit}: {len(bad)}/{len(answers)} answers (worst {_worst(name, bad)})".replace("  ", " "))
+            limits = {"empty": ("", None), "repeated_3gram": (f"> {self.max_repeated_3gram}", max),
+                      "distinct_2": (f"< {self.min_distinct_2}", min), "nonword_rate": (f"> {self.max_nonword_rate}", max)}
+            for name, (limit, worst) in limits.items():
+                bad = [m[name] for f, m in zip(flags, per_answer) if name in f and name in m]
+                count = sum(name in f for f in flags)
+                if count:
+                    reasons.append(f"{name} {limit}".strip() + f": {count}/{len(answers)} answers" + (f" (worst {worst(bad):.2f})" if worst else ""))
             reasons.append(f"flagged share {flagged:.2f} > {self.max_flagged_share}")
         if not median_ppl <= self.max_perplexity_ratio * base:
             reasons.append(f"perplexity: median {median_ppl:.1f} > {self.max_perplexity_ratio} × {base:.1f}")
@@ -408,7 +415,3 @@ class FluencyRule:
             **{f"mean_{k}": float(np.mean([m[k] for m in per_answer])) for k in ("repeated_3gram", "distinct_2", "nonword_rate")},
         }
         return FluencyVerdict(not reasons, flags, reasons, summary, per_answer)
-
-
-def _worst(name: str, values: list[float]) -> str:
-    return "" if name == "empty" else f"{(min if name == 'distinct_2' else max)(values):.2f}"

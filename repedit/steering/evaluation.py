@@ -252,7 +252,7 @@ def evaluate_users(
         marker = markers[user]
         real_marker = marker_means(list(history[user]))[marker]
         unsteered_marker = marker_means([answers["unsteered"][j] for j in mine])[marker]
-        own_perplexity = math.exp(-float(loglik["unsteered"][mine].mean()))  # of the user's real held-out texts
+        own_perplexity = _median([math.exp(-float(loglik["unsteered"][j])) for j in mine])  # of the user's real held-out texts
         per_user[user] = {}
         for condition in CONDITIONS:
             own = similarity[condition][mine, i]
@@ -342,7 +342,7 @@ def _fluency_points(model, tokenizer, test_items, rows, users, answers, unsteere
         admitted[group] = 0
         for i, user in enumerate(users):
             mine = [j for j, r in enumerate(rows) if r == i]
-            own = math.exp(-float(unsteered_loglik[mine].mean()))
+            own = _median([math.exp(-float(unsteered_loglik[j])) for j in mine])
             verdict = rule.check([texts[j] for j in mine], [ppls[j] for j in mine], own, unsteered_perplexity[user])
             admitted[group] += int(verdict.admissible)
             points += [{"group": group, "user_id": user, "text": texts[j][:300], **m} for j, m in zip(mine, verdict.per_answer)]

@@ -11,6 +11,7 @@ and reported for every candidate.
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
@@ -54,7 +55,8 @@ def select_strength_by_generation(
     rows = [index[h.user_id] for h in items]
     prompts, texts = [h.prompt for h in items], [h.text for h in items]
     base = response_logprobs(model, tokenizer, prompts, texts, batch_size=settings.batch_size)
-    own_perplexity = {u: math.exp(-float(base[[j for j, r in enumerate(rows) if r == i]].mean())) for u, i in index.items()}
+    # The median per-text perplexity of the user's own texts: the rule's reference (see FluencyRule).
+    own_perplexity = {u: statistics.median(math.exp(-float(base[j])) for j, r in enumerate(rows) if r == i) for u, i in index.items()}
     neutral_prompts = list(dict.fromkeys(p for p, _ in neutral))[:2]
     judged = [(r, p) for r, p in zip(rows, prompts)] + [(i, p) for i in range(len(users)) for p in neutral_prompts]
     reference = reference_logprobs(model, tokenizer, [p for p, _ in neutral], [r for _, r in neutral], batch_size=settings.batch_size) if neutral else None

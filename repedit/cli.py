@@ -126,8 +126,7 @@ def _fit_trained(args: argparse.Namespace, model, tokenizer, pairs) -> dict:
     strength by the fluency of generated answers on their validation items; writes ``training.json``."""
     from .io import write_json
     from .pairs import REAL_HISTORY
-    from .steering.select import HeldOut
-    from .steering.train import TrainSettings, train_user_edits
+    from .steering.train import TrainSettings, train_user_edits, validation_items
 
     settings = TrainSettings(
         kind="lowrank" if args.method == "trained_lowrank" else "vector", layers=tuple(args.layers) if args.layers else None,
@@ -140,11 +139,7 @@ def _fit_trained(args: argparse.Namespace, model, tokenizer, pairs) -> dict:
     if args.auto:
         from .steering.strength import select_strength_by_generation
 
-        real = {}
-        for pair in pairs:
-            if pair.source == REAL_HISTORY:
-                real.setdefault(pair.user_id, []).append(pair)
-        validation = [HeldOut(u, p.prompt, p.personalized) for u, ps in real.items() for p in ps[-settings.val_items:]]
+        validation = validation_items(pairs, settings.val_items)
         neutral = list(dict.fromkeys((p.prompt, p.neutral) for p in pairs if p.source != REAL_HISTORY))[:4]
         selection = select_strength_by_generation(model, tokenizer, edits, validation, neutral=neutral, factors=args.strengths)
         edits = selection.edits

@@ -168,18 +168,13 @@ def run_demo(model_spec: str = DEFAULT_MODEL, out_dir: str | Path = "runs/demo",
 def _train_and_select(model, tokenizer, pairs, settings: DemoSettings, out_dir: Path) -> tuple[dict[str, UserEdit], dict[str, Any]]:
     """Train every user's edit jointly, then pick each user's strength by the fluency of generated answers."""
     from .pairs import REAL_HISTORY
-    from .steering.select import HeldOut
     from .steering.strength import select_strength_by_generation
-    from .steering.train import TrainSettings, train_user_edits
+    from .steering.train import TrainSettings, train_user_edits, validation_items
 
     train_settings = TrainSettings(kind="lowrank" if settings.method == "trained_lowrank" else "vector", layers=settings.train_layers,
                                    epochs=settings.train_epochs, n_neutral=settings.n_neutral, batch_size=settings.batch_size)
     result = train_user_edits(model, tokenizer, pairs, settings=train_settings)
-    real: dict[str, list] = {}
-    for pair in pairs:
-        if pair.source == REAL_HISTORY:
-            real.setdefault(pair.user_id, []).append(pair)
-    validation = [HeldOut(u, p.prompt, p.personalized) for u, ps in real.items() for p in ps[-train_settings.val_items:]]
+    validation = validation_items(pairs, train_settings.val_items)
     neutral = list(dict.fromkeys((p.prompt, p.neutral) for p in pairs if p.source != REAL_HISTORY))[: settings.n_neutral]
     selection = select_strength_by_generation(model, tokenizer, result.edits, validation, neutral=neutral, factors=settings.train_factors)
     save_edits(selection.edits, out_dir / "edits")

@@ -247,6 +247,18 @@ def _split_users(pairs: Sequence[Pair], val_items: int) -> tuple[list[str], dict
     return users, {u: real[u][:-val_items] for u in users}, {u: real[u][-val_items:] for u in users}
 
 
+def validation_items(pairs: Sequence[Pair], val_items: int) -> list:
+    """The validation split :func:`train_user_edits` uses, as :class:`~repedit.steering.select.HeldOut`
+    items: each user's last ``val_items`` real-history pairs (prompt and the user's own text)."""
+    from .select import HeldOut
+
+    real: dict[str, list[Pair]] = {}
+    for pair in pairs:
+        if pair.source == REAL_HISTORY:
+            real.setdefault(pair.user_id, []).append(pair)
+    return [HeldOut(user, p.prompt, p.personalized) for user, ps in real.items() for p in ps[-val_items:]]
+
+
 def train_user_edits(
     model, tokenizer, pairs: Sequence[Pair], *, settings: TrainSettings = TrainSettings(),
     neutral: Sequence[tuple[str, str]] | None = None, progress: bool = True,

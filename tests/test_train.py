@@ -139,7 +139,7 @@ def test_training_refuses_users_with_too_few_items_and_stops_on_nan(tiny_model, 
     pairs = make_pairs() + [Pair("dan", "Say hi.", "hey", "Hello.", "", REAL_HISTORY), Pair("dan", "Tell a joke.", "nah", "A joke.", "", REAL_HISTORY)]
     with pytest.raises(InputError, match=r"need 4.*'dan' has 2"):
         train_user_edits(model, tokenizer, pairs, settings=FAST, progress=False)
-    with pytest.raises(InputError, match=r"user 'alice' gave a non-finite loss"):
+    with pytest.raises(InputError, match=r"user 'alice' \(NLL nan.*'bob'.*gave a non-finite loss"):
         train_user_edits(model, tokenizer, make_pairs(), settings=dataclasses.replace(FAST, lr=math.nan), progress=False)
 
 

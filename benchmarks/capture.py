@@ -16,13 +16,13 @@ full attention mask, ``torch.no_grad()``, ``torch.set_num_threads(--threads)``):
  3. ``HF output_hidden_states`` the CausalLM with ``output_hidden_states=True`` (logits included).
  4. ``repedit native last``    30 ``resid_post`` sites, ``position="last"``, and
  5. ``repedit native all``     the same with ``position="all"``. Each is timed two ways:
-      * ``[internal]`` -- ``repedit.capture._run_native`` on a pre-built ``_Batch`` (ids, mask,
+      * ``[internal]`` -- ``repedit.capture.activations._run_native`` on a pre-built ``_Batch`` (ids, mask,
         position ids already tensors): exactly the hook path + forward, no tokenisation. This is the
         number to compare with the plain forwards.
       * ``[capture()]`` -- the public ``repedit.capture(model, tok, texts, ...)`` on 8 texts chosen so
         that each tokenises to exactly ``--seq`` tokens (checked at start-up, so the batch has the
         same ids and no padding). This includes tokenisation, the model fingerprint, the run key,
-        per-item splitting and concatenation. Tokenisation (``repedit.inputs.encode``) and
+        per-item splitting and concatenation. Tokenisation (``repedit.model.inputs.encode``) and
         ``model_fingerprint`` are also timed on their own and reported separately.
  6. ``nnsight``                ``nnsight.LanguageModel`` wrapping its own deep copy of the model and
                                tokenizer; one ``trace`` saving the 30 ``model.layers[L].output``.
@@ -81,7 +81,7 @@ import torch
 torch.set_num_threads(int(sys.argv[1]))
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (counted as import)
 import repedit
-from repedit import models
+from repedit.model import loading as models
 t1 = time.perf_counter()
 gguf = models.default_gguf_path()
 folder = models.cache_dir() / "models" / f"{models.DEFAULT_MODEL}-{models._file_key(gguf)}"
@@ -125,7 +125,7 @@ def build_texts(tokenizer, batch: int, seq: int) -> tuple[list[str], list[list[i
             raise RuntimeError("could not build round-trip-exact token windows from the paragraph")
         window = tiled[start:start + seq]
         text = tokenizer.decode(window)
-        ids = list(tokenizer(text)["input_ids"])  # default special tokens, as repedit.inputs.encode
+        ids = list(tokenizer(text)["input_ids"])  # default special tokens, as repedit.model.inputs.encode
         if len(ids) == seq and text.strip() and text not in texts:
             texts.append(text)
             rows.append(ids)
@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     import repedit
-    from repedit.capture import _make_batch, _run_native
-    from repedit.inputs import context_length, encode
+    from repedit.capture.activations import _make_batch, _run_native
+    from repedit.model.inputs import context_length, encode
 
     model, tok = repedit.load_model()
     adapter = repedit.get_adapter(model)
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     del hs, native_all, native_last
 
     # Separate costs inside capture(): tokenisation and the model fingerprint.
-    extras: dict[str, list[float]] = {"tokenise 8 texts (repedit.inputs.encode)": [], "model_fingerprint(model)": []}
+    extras: dict[str, list[float]] = {"tokenise 8 texts (repedit.model.inputs.encode)": [], "model_fingerprint(model)": []}
 
     names = list(methods)
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples[name].append(t1 - t0)
             t0 = time.perf_counter()
             encode(tok, texts, max_length=context_length(model, tok))
-            extras["tokenise 8 texts (repedit.inputs.encode)"].append(time.perf_counter() - t0)
+            extras["tokenise 8 texts (repedit.model.inputs.encode)"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             repedit.model_fingerprint(model)
             extras["model_fingerprint(model)"].append(time.perf_counter() - t0)

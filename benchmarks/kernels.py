@@ -22,7 +22,7 @@ nothing): for each Triton kernel, time per call (``triton.testing.do_bench``), b
 achieved bandwidth against the card's peak from :data:`PEAK_GBPS` (target ≥ 80 %), next to a plain
 ``clone`` (the copy bandwidth torch reaches). Then the default model on the GPU (bf16), 32 rows with
 KV cache: the time of one decode step unsteered, steered through the hooks (Triton gather-add), and
-steered with :func:`repedit.kernels.fused_steering` (target ≤ 1.03× unsteered). Every GPU figure is
+steered with :func:`repedit.steering.fused_steering` (target ≤ 1.03× unsteered). Every GPU figure is
 printed with the device name.
 
     python benchmarks/kernels.py --threads 1
@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from repedit import kernels
+from repedit import kernels, steering
 from repedit.kernels import reference
 
 # Peak DRAM bandwidth in GB/s (vendor data sheets), matched against torch.cuda.get_device_name().
@@ -227,9 +227,9 @@ def decode_steps(args, device: str, dtype: torch.dtype, label: str) -> dict:
     from transformers import DynamicCache
 
     from repedit import load_model, model_fingerprint
-    from repedit.generation import left_pad, render_chat
+    from repedit.model.generation import left_pad, render_chat
+    from repedit.pairs.users import demo_prompts
     from repedit.steering import SiteEdit, UserEdit, steer
-    from repedit.userdata import demo_prompts
 
     model, tokenizer = load_model()
     model = model.to(device=device, dtype=dtype).eval()
@@ -263,7 +263,7 @@ def decode_steps(args, device: str, dtype: torch.dtype, label: str) -> dict:
     modes = {
         "unsteered": lambda: _Null(),
         "steered (hooks)": lambda: steer(model, users, list(range(args.rows))),
-        "steered (fused_steering)": lambda: kernels.fused_steering(model, users, list(range(args.rows))),
+        "steered (fused_steering)": lambda: steering.fused_steering(model, users, list(range(args.rows))),
     }
     samples = {name: [] for name in modes}
     for _ in range(args.decode_rounds):

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from repedit import load_model
-from repedit.generation import GenerationSettings
-from repedit.pairs import generate
-from repedit.userdata import demo_prompts, demo_users
+from repedit.model.generation import GenerationSettings
+from repedit.pairs.synthesis import generate
+from repedit.pairs.users import demo_prompts, demo_users
 
 
 def run(model, tokenizer, users, prompts, settings) -> tuple[float, int, int]:

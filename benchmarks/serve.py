@@ -38,9 +38,10 @@ import httpx
 import torch
 
 from repedit import load_model, model_fingerprint
-from repedit.generation import GenerationSettings, generate_batch
-from repedit.steering import SiteEdit, UserEdit, save_edits, steer
-from repedit.userdata import demo_prompts
+from repedit.model.generation import GenerationSettings, generate_batch
+from repedit.pairs.users import demo_prompts
+from repedit.steering import SiteEdit, UserEdit, steer
+from repedit.store import save_edits
 
 NAME = "smollm2"
 

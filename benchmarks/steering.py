@@ -21,9 +21,9 @@ import time
 import torch
 
 from repedit import load_model, model_fingerprint
-from repedit.generation import left_pad, render_chat
+from repedit.model.generation import left_pad, render_chat
+from repedit.pairs.users import demo_prompts
 from repedit.steering import SiteEdit, UserEdit, steer
-from repedit.userdata import demo_prompts
 
 
 def main() -> None:

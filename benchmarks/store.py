@@ -1,13 +1,13 @@
 """Store compression on the default model: compression ratio vs reconstruction error and steering effect lost.
 
 1. Real-history (StyleVector) pairs for the 8 demo users: each history item's text vs the model's
-   neutral answer to its prompt, made by :func:`repedit.pairs.generate` (greedy, ``--max-new-tokens``
+   neutral answer to its prompt, made by :func:`repedit.pairs.synthesis.generate` (greedy, ``--max-new-tokens``
    per neutral answer, cut back to the last full sentence; one self-generated prompt per user, which
    the stylevector fit ignores). Cached in ``--work`` and resumed on a rerun.
 2. One ``stylevector`` edit per user at ``resid_post.12`` (40% depth), strength ``--strength``.
 3. The uncompressed store is copied once per ``k`` in ``--ks`` and each copy is compressed to ``k``
    components (capped at n_users − 1 = 7), with the steering effect measured on ``--prompts`` demo
-   prompts (definitions in :mod:`repedit.store_compress`): KL(original ‖ compressed), KL(original ‖
+   prompts (definitions in :mod:`repedit.store.compress`): KL(original ‖ compressed), KL(original ‖
    unsteered) and the fraction of the effect lost.
 
 Bytes are the safetensors files of the compressed users plus the basis ("vectors") and the same
@@ -30,10 +30,10 @@ import torch
 
 def fit_demo_edits(model, tokenizer, work: Path, *, max_new_tokens: int = 48, strength: float = 1.0, progress: bool = True):
     """StyleVector edits of the 8 demo users from real-history pairs (pairs cached under ``work``)."""
-    from repedit.generation import GenerationSettings
-    from repedit.pairs import generate
+    from repedit.model.generation import GenerationSettings
+    from repedit.pairs.synthesis import generate
+    from repedit.pairs.users import demo_prompts, demo_users_path, read_users
     from repedit.steering import fit_user_edits
-    from repedit.userdata import demo_prompts, demo_users_path, read_users
 
     users = read_users(demo_users_path())
     settings = GenerationSettings(max_new_tokens=max_new_tokens, repetition_penalty=1.2, batch_size=8)
@@ -50,8 +50,8 @@ def run_store_benchmark(model=None, tokenizer=None, *, ks: Sequence[int] = (1, 2
     Loads the default model when none is given. Importable (e.g. by ``benchmarks/serve.py``).
     """
     from repedit import load_model
-    from repedit.store import VectorStore
-    from repedit.userdata import demo_prompts
+    from repedit.pairs.users import demo_prompts
+    from repedit.store.vectors import VectorStore
 
     if model is None:
         model, tokenizer = load_model()

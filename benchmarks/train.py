@@ -28,7 +28,7 @@ import time
 import torch
 
 from repedit import load_model
-from repedit.pairs import read_pairs
+from repedit.pairs.synthesis import read_pairs
 from repedit.steering.train import TrainSettings, train_user_edits
 
 

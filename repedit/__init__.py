@@ -3,11 +3,11 @@
 Data flows one way: pairs -> capture -> probes -> steering -> export/serve.
 """
 
-from .arch import ModelAdapter, UnsupportedModelError, get_adapter
-from .capture import Activations, capture
+from .capture.activations import Activations, capture
 from .io import InputError
-from .models import DEFAULT_MODEL, cache_dir, load_model, model_fingerprint
-from .sites import SITE_KINDS, Site, parse_site, parse_sites
+from .model.arch import ModelAdapter, UnsupportedModelError, get_adapter
+from .model.loading import DEFAULT_MODEL, cache_dir, load_model, model_fingerprint
+from .model.sites import SITE_KINDS, Site, parse_site, parse_sites
 
 __all__ = [
     "Activations", "DEFAULT_MODEL", "InputError", "ModelAdapter", "SITE_KINDS", "Site", "UnsupportedModelError",

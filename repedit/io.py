@@ -19,7 +19,6 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

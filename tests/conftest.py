@@ -141,7 +141,7 @@ def tiny_folder(tmp_path, tokenizer):
 
 
 def write_pairs_jsonl(path, pairs):
-    """Write ``repedit.pairs.Pair`` objects as the pairs JSONL the CLI reads; returns ``path``."""
+    """Write ``repedit.pairs.synthesis.Pair`` objects as the pairs JSONL the CLI reads; returns ``path``."""
     import json
 
     path.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in pairs))

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ARCHS, HIDDEN, N_LAYERS, build_tiny_model
 from torch import nn
 
 import repedit
 from repedit import UnsupportedModelError, get_adapter
-from repedit.arch import LAYOUTS
-
-from conftest import ARCHS, HIDDEN, N_LAYERS, build_tiny_model
+from repedit.model.arch import LAYOUTS
 
 # Hand-written from the Hugging Face modeling files (independent of repedit's table): dotted paths,
 # relative to the CausalLM, of the decoder stack, and per block the attention, MLP, the two pre-norms,

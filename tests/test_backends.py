@@ -13,13 +13,12 @@ import sys
 
 import pytest
 import torch
+from conftest import ARCHS, HIDDEN, build_tiny_model
 
 import repedit
-from repedit.backends import NNsightBackend, TorchBackend, TransformerLensBackend, make_backend
+from repedit.capture.backends import NNsightBackend, TorchBackend, TransformerLensBackend, make_backend
 from repedit.io import InputError
-from repedit.sites import Site
-
-from conftest import ARCHS, HIDDEN, build_tiny_model
+from repedit.model.sites import Site
 
 TEXTS = [
     "Hello there, how are you doing today, my good friend?",

@@ -13,13 +13,12 @@ import json
 
 import pytest
 import torch
+from conftest import ARCHS, HIDDEN, N_LAYERS, build_tiny_model
 
 import repedit
 from repedit import Activations, capture, get_adapter, model_fingerprint
 
-from conftest import ARCHS, HIDDEN, N_LAYERS, build_tiny_model
-
-capture_module = importlib.import_module("repedit.capture")  # `repedit.capture` is shadowed by the function
+capture_module = importlib.import_module("repedit.capture.activations")  # `repedit.capture` is shadowed by the function
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest.",
@@ -147,9 +146,8 @@ def test_residual_decomposition(tiny_model, tokenizer, arch):
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3"])
 def test_sliding_window_shorter_than_texts(tokenizer, arch, padding_side):
     """A sliding window of 4 tokens (shorter than most texts) still matches each text run alone."""
-    from transformers import AutoModelForCausalLM
-
     from conftest import make_config
+    from transformers import AutoModelForCausalLM
 
     config = make_config(arch)
     config.sliding_window = 4
@@ -223,7 +221,7 @@ def test_response_span_keeps_exactly_the_response_tokens(tiny_model, tokenizer):
                    position="mean", span="response", progress=False)
     for i, (prompt, response) in enumerate(PAIRS):
         ids, lo, hi = _response_token_range(tokenizer, prompt, response)
-        encoded = repedit.inputs.encode(tokenizer, [(prompt, response)])[0]
+        encoded = repedit.model.inputs.encode(tokenizer, [(prompt, response)])[0]
         assert encoded.input_ids == ids
         assert encoded.response_span == (lo, hi)
         assert tokenizer.decode(encoded.input_ids[slice(*encoded.response_span)]) == response
@@ -246,7 +244,7 @@ def test_response_span_without_chat_template(tiny_model, tokenizer):
         full_ids = plain(prompt + "\n" + response).input_ids
         n_resp = len(plain(response).input_ids)
         assert plain.decode(full_ids[-n_resp:]) == response
-        encoded = repedit.inputs.encode(plain, [(prompt, response)])[0]
+        encoded = repedit.model.inputs.encode(plain, [(prompt, response)])[0]
         assert encoded.input_ids == full_ids
         assert encoded.response_span == (len(full_ids) - n_resp, len(full_ids))
         with torch.no_grad():
@@ -293,9 +291,8 @@ def test_hooks_removed_when_forward_raises(tiny_model, tokenizer, arch):
 
 def test_hooks_removed_when_input_fails_inside_model(tokenizer):
     """Token ids beyond the embedding table make the embedding lookup fail inside the forward pass."""
-    from transformers import AutoModelForCausalLM
-
     from conftest import make_config
+    from transformers import AutoModelForCausalLM
 
     config = make_config("llama")
     config.vocab_size = 100

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from repedit.demo import DemoSettings, run_demo
+from repedit.pipeline import DemoSettings, run_demo
 
 TINY = DemoSettings(n_users=2, n_prompts=2, hold_out=3, pair_tokens=40, probe_every=10, layers=(9,), strengths=(0.5,), eval_tokens=8,
                     train_epochs=2)
@@ -19,7 +19,7 @@ BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, default_model_and_tokenizer):
-    from repedit.cli import main
+    from repedit.cli.main import main
 
     out = tmp_path_factory.mktemp("demo") / "run"
     assert main(["demo", "--out", str(out), "--n-users", "2", "--n-prompts", "2", "--hold-out", "3", "--pair-tokens", "40", "--probe-every", "10",
@@ -39,7 +39,7 @@ def test_demo_writes_every_stage_and_the_report(demo_run):
     assert len(page) > 1_000_000  # plotly.js embedded: opens offline
     evaluation = json.loads((out / "eval" / "eval.json").read_text())
     assert evaluation["summary"]["n_users"] == 2 and evaluation["settings"]["n_test_items"] == 6
-    selection = json.loads((out / "edits" / "selection.json").read_text())
+    selection = json.loads((out / "store" / "selection.json").read_text())
     steered = [u for u, c in selection["choices"].items() if c["layer"] is not None]
     store_users = json.loads((out / "exports.json").read_text())["store_users"]
     assert sorted(store_users) == sorted(steered)

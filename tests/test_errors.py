@@ -7,11 +7,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import N_LAYERS, make_config
 
 from repedit import InputError, capture, parse_site
-from repedit.inputs import read_inputs_jsonl
-
-from conftest import N_LAYERS, make_config
+from repedit.model.inputs import read_inputs_jsonl
 
 
 def test_unknown_site_kind_lists_valid_kinds(tiny_model, tokenizer):

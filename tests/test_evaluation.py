@@ -6,21 +6,20 @@ import json
 
 import pytest
 import torch
-
-from repedit.cli import main
-from repedit.embedding import Embedder, minilm_available, minilm_embedder, model_embedder
-from repedit.generation import GenerationSettings, generate_batch
-from repedit.inputs import encode
-from repedit.io import InputError
-from repedit.pairs import REAL_HISTORY, SELF_GENERATED, Pair, PairTemplates
-from repedit.steering.measures import StyleAttributor
-from repedit.steering import fit_user_edits, save_edits
-from repedit.steering.evaluation import Evaluation, eval_inputs, evaluate_users, generate_with_edits
-from repedit.steering.scoring import response_logprobs
-from repedit.steering.select import HeldOut
-from repedit.userdata import HistoryItem, User, split_history
-
 from conftest import write_pairs_jsonl
+
+from repedit.capture.embedding import Embedder, minilm_available, minilm_embedder, model_embedder
+from repedit.cli.main import main
+from repedit.evaluate.evaluation import Evaluation, eval_inputs, evaluate_users, generate_with_edits
+from repedit.evaluate.measures import StyleAttributor
+from repedit.evaluate.scoring import response_logprobs
+from repedit.io import InputError
+from repedit.model.generation import GenerationSettings, generate_batch
+from repedit.model.inputs import encode
+from repedit.pairs.synthesis import REAL_HISTORY, SELF_GENERATED, Pair, PairTemplates
+from repedit.pairs.users import HistoryItem, User, split_history
+from repedit.steering import fit_user_edits
+from repedit.store import save_edits
 
 SETTINGS = GenerationSettings(max_new_tokens=6, batch_size=3)
 PROMPTS = ["Say hi.", "Describe the sea.", "Give advice.", "Name a colour.", "Tell a joke.", "Plan a trip."]
@@ -141,7 +140,7 @@ def test_evaluate_users_numbers_match_direct_computation(tiny_model, tokenizer):
     assert curve[("alice", 0.0)]["gain"] == pytest.approx(0.0, abs=1e-6) and curve[("alice", 0.0)]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert curve[("alice", 1.0)]["gain"] == pytest.approx(metrics["steered"]["loglik"] - metrics["unsteered"]["loglik"], abs=1e-5)
     assert ("cara", 1.0) not in curve
-    from repedit.steering.eval_report import gain_bars
+    from repedit.report.eval_report import gain_bars
 
     prompt_only, few_shot_bars, steered_bars, prompt_steered_bars = gain_bars(evaluation).data
     assert steered_bars.y[0] == pytest.approx(metrics["steered"]["loglik"] - metrics["unsteered"]["loglik"])

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_pairs_jsonl
 
 import repedit
-from repedit.cli import main
+from repedit.cli.main import main
 from repedit.io import InputError
-from repedit.pairs import REAL_HISTORY, SELF_GENERATED, Pair
+from repedit.pairs.synthesis import REAL_HISTORY, SELF_GENERATED, Pair
 from repedit.probes import capture_pairs
-from repedit.steering import UserEdit, fit_user_edits, save_edits
-
-from conftest import write_pairs_jsonl
+from repedit.steering import fit_user_edits
+from repedit.store import VectorStore, save_edits
 
 PROMPTS = ["Say hi.", "Describe the sea.", "Give advice.", "Name a colour."]
 
@@ -69,10 +69,11 @@ def test_fit_cli_writes_loadable_edits(tiny_folder, tokenizer, pairs, tmp_path):
     pairs_file = write_pairs_jsonl(tmp_path / "pairs.jsonl", pairs)
     out = tmp_path / "edits"
     assert main(["fit", "--pairs", str(pairs_file), "--out", str(out), "--model", str(folder), "--layers", "1", "--strength", "3"]) == 0
-    index = json.loads((out / "index.json").read_text())
-    assert index["users"] == ["alice", "bob"] and index["methods"] == ["caa"]
-    loaded = UserEdit.load(out / "alice", model)
+    store = VectorStore(out)  # `repedit fit` writes a vector store: one on-disk format for fit, eval, serve and export
+    assert store.list_users() == ["alice", "bob"]
+    loaded = store.get("alice", model=model)
+    assert loaded.method == "caa"
     direct = fit_user_edits(model, tokenizer, pairs, layers=[1], strength=3.0, progress=False)["alice"]
     torch.testing.assert_close(loaded.edits[0].vector, direct.edits[0].vector)
     with pytest.raises(InputError, match="is not valid"):
-        save_edits({"../evil": direct}, tmp_path / "bad")
+        save_edits({"../evil": dataclasses.replace(direct, user_id="../evil")}, tmp_path / "bad")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import repedit
-from repedit.gguf_io import direction_layer, export_gguf, import_gguf
 from repedit.io import InputError
 from repedit.steering import SiteEdit, UserEdit
+from repedit.store.gguf import direction_layer, export_gguf, import_gguf
 
 D = 64
 

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HIDDEN, build_tiny_model
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import repedit
-from repedit import kernels
+from repedit import kernels, steering
 from repedit.kernels import reference
 from repedit.steering import SiteEdit, UserEdit, apply_operator, steer
 from repedit.steering.operators import RowParams
-
-from conftest import HIDDEN, build_tiny_model
 
 CUDA = torch.cuda.is_available() and kernels.triton_available()
 ON_REFERENCE = kernels.backend(torch.empty(1)) == "reference"  # False when this process runs the interpreter
@@ -297,7 +296,7 @@ def norm_state(model):
 def test_fused_steering_equals_the_hook_path_and_restores_the_model(llama):
     model, fp = llama
     torch.manual_seed(7)
-    from repedit.generation import left_pad
+    from repedit.model.generation import left_pad
 
     seqs = [torch.randint(0, 1000, (n,)).tolist() for n in (5, 7, 4, 6)]
     ids, mask = left_pad(seqs, 0)
@@ -313,7 +312,7 @@ def test_fused_steering_equals_the_hook_path_and_restores_the_model(llama):
     with torch.no_grad():
         plain = model(ids, attention_mask=mask).logits
     hook_logits, hook_tokens = logits_and_generation(model, lambda: steer(model, edits, rows), ids, mask)
-    handle = kernels.fused_steering(model, edits, rows, force=True)
+    handle = steering.fused_steering(model, edits, rows, force=True)
     assert handle.fused_sites == ["resid_post.0", "resid_post.2"]
     assert norm_state(model) != before
     fused_logits, fused_tokens = logits_and_generation(model, lambda: handle, ids, mask)
@@ -333,11 +332,11 @@ def test_fused_steering_one_edit_for_every_row_and_batch_mismatch(llama):
     edit = user(fp, SiteEdit("resid_post.1", "add", vector=torch.randn(HIDDEN) * 2))
     with edit.apply(model), torch.no_grad():
         want = model(ids).logits
-    with kernels.fused_steering(model, [edit], force=True) as handle, torch.no_grad():
+    with steering.fused_steering(model, [edit], force=True) as handle, torch.no_grad():
         assert handle.fused_sites == ["resid_post.1"]
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(repedit.InputError, match="set up for 3 rows, but the model got a batch of 2"):
-        with kernels.fused_steering(model, [edit], [0, None, 0], force=True), torch.no_grad():
+        with steering.fused_steering(model, [edit], [0, None, 0], force=True), torch.no_grad():
             model(ids)
     assert norm_state(model)[1] == []
 
@@ -349,7 +348,7 @@ def test_fused_steering_leaves_non_llama_norms_to_the_hooks(tiny_model):
     edit = user(fp, SiteEdit("resid_post.0", "add", vector=torch.randn(HIDDEN)))
     with edit.apply(model), torch.no_grad():
         want = model(ids).logits
-    with kernels.fused_steering(model, [edit], force=True) as handle, torch.no_grad():
+    with steering.fused_steering(model, [edit], force=True) as handle, torch.no_grad():
         assert handle.fused_sites == []
         assert torch.equal(model(ids).logits, want)
 
@@ -357,7 +356,7 @@ def test_fused_steering_leaves_non_llama_norms_to_the_hooks(tiny_model):
 def test_fused_steering_without_a_gpu_is_plain_steer(llama):
     model, fp = llama
     edit = user(fp, SiteEdit("resid_post.1", "add", vector=torch.randn(HIDDEN)))
-    with kernels.fused_steering(model, [edit]) as handle:
+    with steering.fused_steering(model, [edit]) as handle:
         assert handle.fused_sites == ([] if not (next(model.parameters()).is_cuda and kernels.triton_available()) else ["resid_post.1"])
         assert norm_state(model)[1] == []
 
@@ -378,12 +377,12 @@ def test_value_edit_equals_its_attn_out_edit(llama):
             want = model(ids).logits
     finally:
         handle.remove()
-    delta = kernels.value_edit_as_attn_out(model, 1, c)
+    delta = steering.value_edit_as_attn_out(model, 1, c)
     with user(fp, SiteEdit("attn_out.1", "add", vector=delta)).apply(model), torch.no_grad():
         got = model(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(repedit.UnsupportedModelError, match="llama-style attention"):
-        kernels.value_edit_as_attn_out(build_tiny_model("gpt2"), 0, c)
+        steering.value_edit_as_attn_out(build_tiny_model("gpt2"), 0, c)
 
 
 # ------------------------------------------------------------------------ Triton: interpreter on CPU, kernels on GPU
@@ -430,7 +429,7 @@ def test_fused_steering_on_gpu_equals_the_hook_path(llama):
     edits = [user(fp, SiteEdit("resid_post.0", "add", vector=torch.randn(HIDDEN) * 2)), user(fp, SiteEdit("resid_post.2", "add", vector=torch.randn(HIDDEN)))]
     with steer(model, edits, [0, None, 1]), torch.no_grad():
         want = model(ids).logits
-    with kernels.fused_steering(model, edits, [0, None, 1]) as handle, torch.no_grad():
+    with steering.fused_steering(model, edits, [0, None, 1]) as handle, torch.no_grad():
         assert handle.fused_sites == ["resid_post.0", "resid_post.2"]
         got = model(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -18,14 +18,13 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
-
-import repedit  # noqa: E402
-from repedit import kernels  # noqa: E402
-from repedit.kernels import reference  # noqa: E402
-from repedit.steering import SiteEdit, UserEdit, steer  # noqa: E402
-
 from conftest import HIDDEN, build_tiny_model  # noqa: E402
 from test_kernels import assert_bits_equal, hf_rms_norm, make_case, tolerance  # noqa: E402
+
+import repedit  # noqa: E402
+from repedit import kernels, steering  # noqa: E402
+from repedit.kernels import reference  # noqa: E402
+from repedit.steering import SiteEdit, UserEdit, steer  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 SHAPES = [dict(B=3, T=5, d=37, k=2), dict(B=4, T=1, d=64, k=1, idx=(3, 0, -1, 1))]
@@ -134,7 +133,7 @@ def test_steering_hooks_and_fused_wiring_run_the_kernels():
             with steer(model, edits, rows):
                 seen["hooks"] = model(ids).logits
             assert calls, "the add hook did not run the Triton kernel"
-            with kernels.fused_steering(model, edits, rows, force=True) as handle:
+            with steering.fused_steering(model, edits, rows, force=True) as handle:
                 assert handle.fused_sites == ["resid_post.0", "resid_post.2"]
                 seen["fused"] = model(ids).logits
     finally:

@@ -1,4 +1,4 @@
-"""LaMP-format I/O (repedit.lamp): conversion of the small fixtures in tests/data/lamp, round trip through
+"""LaMP-format I/O (repedit.pairs.lamp): conversion of the small fixtures in tests/data/lamp, round trip through
 users JSONL, the official metrics against hand-computed values, clear errors for bad files, and the CLI.
 
 The fixtures are invented texts in the LaMP file format (no LaMP data ships with repedit)."""
@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from repedit.cli import main
+from repedit.cli.main import main
 from repedit.io import InputError, check_user_id
-from repedit.lamp import (
-    LABELS, LampItem, lamp_metrics, normalize_task, read_lamp, read_outputs, read_predictions, score_files, write_lamp,
-)
-from repedit.userdata import read_users
+from repedit.pairs.lamp import LABELS, LampItem, lamp_metrics, normalize_task, read_lamp, read_outputs, read_predictions, score_files, write_lamp
+from repedit.pairs.users import read_users
 
 DATA = Path(__file__).parent / "data" / "lamp"
 TASK_NAMES = ["LaMP_1", "LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5", "LaMP_7"]

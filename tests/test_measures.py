@@ -1,4 +1,4 @@
-"""Style and fluency measures (repedit.steering.measures / fluency_plots): fast, no model."""
+"""Style and fluency measures (repedit.evaluate.measures / fluency_plots): fast, no model."""
 
 from __future__ import annotations
 
@@ -7,13 +7,24 @@ import math
 import plotly.graph_objects as go
 import pytest
 
-from repedit.io import InputError
-from repedit.steering.fluency_plots import fluency_figure, marker_figure
-from repedit.steering.measures import (
-    MARKERS, FluencyRule, StyleAttributor, choose_marker, distinct_n, lexical_markers, marker_means, marker_movement,
-    nonword_rate, rank_markers, repeated_ngram_rate, shuffled_label_accuracy, tokens,
+from repedit.evaluate.measures import (
+    MARKERS,
+    FluencyRule,
+    StyleAttributor,
+    choose_marker,
+    distinct_n,
+    lexical_markers,
+    marker_means,
+    marker_movement,
+    nonword_rate,
+    rank_markers,
+    repeated_ngram_rate,
+    shuffled_label_accuracy,
+    tokens,
 )
-from repedit.userdata import demo_users
+from repedit.io import InputError
+from repedit.pairs.users import demo_users
+from repedit.report.fluency_plots import fluency_figure, marker_figure
 
 USERS = demo_users()
 TEXTS = {u.user_id: [h.text for h in u.history] for u in USERS}

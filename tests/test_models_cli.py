@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import repedit
-from repedit.cli import main
+from repedit.cli.main import main
 from repedit.io import InputError
-from repedit.models import default_gguf_path
-
+from repedit.model.loading import default_gguf_path
 
 
 def test_load_model_from_local_folder(tiny_folder):

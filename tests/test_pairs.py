@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from repedit.generation import GenerationSettings
 from repedit.io import InputError
-from repedit.pairs import REAL_HISTORY, SELF_GENERATED, PairTemplates, generate, read_pairs, select_representative
-from repedit.userdata import User, demo_prompts, demo_users, read_prompts, read_users
+from repedit.model.generation import GenerationSettings
+from repedit.pairs.synthesis import REAL_HISTORY, SELF_GENERATED, PairTemplates, generate, read_pairs, select_representative
+from repedit.pairs.users import User, demo_prompts, demo_users, read_prompts, read_users
 
 
 def write(path: Path, text: str) -> Path:
@@ -211,8 +211,8 @@ def test_killed_run_resumes_without_loss_or_duplicates(default_model_and_tokeniz
 
 
 def test_shared_prefix_cache_gives_the_same_generations(tiny_model, tokenizer, monkeypatch):
-    import repedit.generation as generation
-    from repedit.generation import generate_chat
+    import repedit.model.generation as generation
+    from repedit.model.generation import generate_chat
 
     used = []
     original = generation._shared_prefix_cache

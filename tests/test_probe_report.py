@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from repedit.capture import Activations
+from repedit.capture.activations import Activations
 from repedit.io import InputError
 from repedit.probes.explain import logit_lens, norm_gain, top_texts, unembed_direction
-from repedit.probes.plots import (
+from repedit.probes.types import POOLED, Direction, ProbeReport, ProbeRow, Subspace
+from repedit.report.probe_plots import (
     accuracy_by_layer,
     direction_similarity_across_layers,
     direction_similarity_across_users,
@@ -31,8 +32,7 @@ from repedit.probes.plots import (
     pairs_scatter,
     probe_similarity,
 )
-from repedit.probes.report import find_probe, item_texts, write_report
-from repedit.probes.types import POOLED, Direction, ProbeReport, ProbeRow, Subspace
+from repedit.report.probe_report import find_probe, item_texts, write_report
 
 D = 16
 LAYERS = 4
@@ -163,7 +163,7 @@ def test_pairs_scatter_by_label_has_n_points_per_class_and_pair_lines():
 
 
 def test_pairs_by_user_is_each_users_own_pca():
-    from repedit.plots import pca_2d
+    from repedit.report.plots import pca_2d
 
     acts = make_acts()
     figure = pairs_by_user(acts, "resid_post.1", columns=2)
@@ -240,7 +240,7 @@ def test_norm_gain_matches_each_architectures_convention(tiny_model):
     """Gemma-family norms store gain - 1; LayerNorms centre; the detected gain reproduces the module."""
     for arch, plus_one, centres in (("llama", False, False), ("gemma", True, False), ("gpt2", False, True)):
         model = copy.deepcopy(tiny_model(arch))
-        from repedit.arch import get_adapter
+        from repedit.model.arch import get_adapter
 
         norm = get_adapter(model).final_norm
         with torch.no_grad():
@@ -253,7 +253,7 @@ def test_norm_gain_matches_each_architectures_convention(tiny_model):
 
 def test_logit_lens_equals_hand_computation_on_tiny_llama(tiny_model, tokenizer):
     model = copy.deepcopy(tiny_model("llama"))
-    from repedit.arch import get_adapter
+    from repedit.model.arch import get_adapter
 
     adapter = get_adapter(model)
     with torch.no_grad():  # a non-trivial norm gain, so that forgetting it would change the result
@@ -468,7 +468,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 def _tiny_pairs() -> list:
     """Two users x four prompts; personalised answers are casual with emoji, neutral ones formal."""
-    from repedit.pairs import Pair
+    from repedit.pairs.synthesis import Pair
 
     prompts = ["How do I boil an egg?", "What is a good name for a cat?", "Recommend a book.", "How should I start running?"]
     casual = {"alice": "omg just do it!! 🥚🔥 lol so easy", "bob": "yo dude honestly whatever works 😎🤙"}
@@ -494,7 +494,7 @@ def tiny_probe_inputs(tmp_path_factory, tiny_model, tokenizer):
 
 
 def test_cli_probe_end_to_end(tiny_probe_inputs, tmp_path, capsys):
-    from repedit.cli import main
+    from repedit.cli.main import main
 
     out = tmp_path / "report"
     code = main([
@@ -521,7 +521,7 @@ def test_cli_probe_end_to_end(tiny_probe_inputs, tmp_path, capsys):
 
 
 def test_cli_probe_refuses_a_different_model(tiny_probe_inputs, tmp_path, tiny_model, tokenizer, capsys):
-    from repedit.cli import main
+    from repedit.cli.main import main
 
     other = tmp_path / "other-model"
     tiny_model("llama", seed=1).save_pretrained(other)

@@ -10,12 +10,30 @@ import numpy as np
 import pytest
 import torch
 
-from repedit.capture import Activations
+from repedit.capture.activations import Activations
 from repedit.io import InputError
 from repedit.probes import (
-    METHODS, POOLED, Direction, PairData, ProbeReport, ProbeRow, Subspace, ccs, check_same_model, combine_activations,
-    diff_of_means, evaluate_site, group_kfold, load_probes, logistic_regression, pair_index, pca_of_differences,
-    probe_sites, save_probes, select_sites, svd_subspace,
+    METHODS,
+    POOLED,
+    Direction,
+    PairData,
+    ProbeReport,
+    ProbeRow,
+    Subspace,
+    ccs,
+    check_same_model,
+    combine_activations,
+    diff_of_means,
+    evaluate_site,
+    group_kfold,
+    load_probes,
+    logistic_regression,
+    pair_index,
+    pca_of_differences,
+    probe_sites,
+    save_probes,
+    select_sites,
+    svd_subspace,
 )
 
 D = 64
@@ -456,7 +474,7 @@ def test_default_model_separates_formal_from_casual(default_model_and_tokenizer)
     means 0.79 / 1.0 at layers 8 / 10 but ~0.6 from layer 11 on, where one casual text grows a second
     massive-activation token (~2500 on one dimension) that dominates the mean difference."""
     from repedit import capture
-    from repedit.builtin import style_texts
+    from repedit.pairs.builtin import style_texts
 
     model, tokenizer = default_model_and_tokenizer
     texts = style_texts()

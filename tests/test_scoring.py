@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
+from conftest import HIDDEN
 
 import repedit
+from repedit.evaluate.scoring import response_kl, response_logprobs
 from repedit.steering import SiteEdit, UserEdit
-from repedit.steering.scoring import response_kl, response_logprobs
-
-from conftest import HIDDEN
 
 PROMPTS = ["Say hi.", "Describe the sea in a few words.", "Name a colour."]
 RESPONSES = ["Hi there, friend!", "Blue, wide and deep.", "Green."]
@@ -53,7 +52,7 @@ def test_per_row_edits_and_kl(tiny_model, tokenizer):
 
 
 def test_kl_with_a_precomputed_reference_equals_kl_without(tiny_model, tokenizer):
-    from repedit.steering.scoring import reference_logprobs
+    from repedit.evaluate.scoring import reference_logprobs
 
     model = tiny_model("llama")
     fp = repedit.model_fingerprint(model)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-
-from repedit.io import InputError
-from repedit.pairs import SELF_GENERATED, Pair
-from repedit.steering import fit_user_edits
-from repedit.steering.scoring import response_logprobs
-from repedit.steering.select import HeldOut, select_layer_strength
-
 from conftest import write_pairs_jsonl
+
+from repedit.evaluate.scoring import response_logprobs
+from repedit.evaluate.select import HeldOut, select_layer_strength
+from repedit.io import InputError
+from repedit.pairs.synthesis import SELF_GENERATED, Pair
+from repedit.steering import fit_user_edits
 
 PROMPTS = ["Say hi.", "Describe the sea.", "Give advice.", "Name a colour."]
 NEUTRAL = [("What is rain?", "Rain is water falling from clouds."), ("Define a chair.", "A chair is a seat for one person.")]
@@ -65,10 +64,10 @@ def test_selection_needs_held_out_data_for_every_user(tiny_model, tokenizer):
 def test_split_for_selection_and_fit_auto_cli(tiny_folder, tmp_path):
     import json
 
-    from repedit.cli import main
-    from repedit.pairs import REAL_HISTORY
-    from repedit.steering import UserEdit
-    from repedit.steering.select import split_for_selection
+    from repedit.cli.main import main
+    from repedit.evaluate.select import split_for_selection
+    from repedit.pairs.synthesis import REAL_HISTORY
+    from repedit.store import VectorStore
 
     pairs, _ = make_pairs()
     pairs += [Pair(u, f"Question {i}?", f"{u} answer {i}", f"Neutral answer {i}.", "", REAL_HISTORY) for u in ("alice", "bob") for i in range(4)]
@@ -85,8 +84,9 @@ def test_split_for_selection_and_fit_auto_cli(tiny_folder, tmp_path):
     assert main(args) == 0
     selection = json.loads((out / "selection.json").read_text())
     assert len(selection["grid"]) == 2 * 2 * 2 and set(selection["choices"]) == {"alice", "bob"}
-    index = json.loads((out / "index.json").read_text())
-    for user in index["users"]:
+    store = VectorStore(out)
+    assert store.list_users() == sorted(u for u, c in selection["choices"].items() if c["layer"] is not None)  # unsteered users get no edit
+    for user in store.list_users():
         choice = selection["choices"][user]
-        edit = UserEdit.load(out / user, model)
+        edit = store.get(user, model=model)
         assert edit.positions == "generated" and edit.edits[0].site == f"resid_post.{choice['layer']}"

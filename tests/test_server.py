@@ -1,6 +1,6 @@
 """The OpenAI-compatible server: real HTTP on loopback (uvicorn in a thread, httpx and the openai client).
 
-Oracle for every generated text: offline generation (``repedit.generation.generate_chat``) with the
+Oracle for every generated text: offline generation (``repedit.model.generation.generate_chat``) with the
 user's edit applied through ``edit.apply(model)`` — a different code path (``model.generate``) from
 the server's own decode loop. Offline outputs are computed while the server is idle, because
 steering hooks are model-wide.
@@ -16,14 +16,28 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
+from conftest import HIDDEN, build_tiny_model
 
 import repedit
-from repedit.generation import GenerationSettings, generate_chat, render_chat
 from repedit.io import InputError
-from repedit.serve import BackgroundServer, Done, Engine, EngineClosed, Failed, GenerationRequest, Limits, SamplingParams, ServerConfig, TextAssembler, Tokens, create_app, read_tokens
-from repedit.steering import SiteEdit, UserEdit, save_edits
-
-from conftest import HIDDEN, build_tiny_model
+from repedit.model.generation import GenerationSettings, generate_chat, render_chat
+from repedit.serve import (
+    BackgroundServer,
+    Done,
+    Engine,
+    EngineClosed,
+    Failed,
+    GenerationRequest,
+    Limits,
+    SamplingParams,
+    ServerConfig,
+    TextAssembler,
+    Tokens,
+    create_app,
+    read_tokens,
+)
+from repedit.steering import SiteEdit, UserEdit
+from repedit.store import save_edits
 
 PROMPTS = ["How can I sleep better?", "Suggest a weekend activity.", "Explain compound interest.", "What is a good breakfast?",
            "Tell me a joke.", "Write a haiku about rain.", "How do plants grow?", "Give me a tip for learning Python."]
@@ -481,7 +495,7 @@ def test_tokens_file_and_limits_are_checked(tmp_path):
 
 
 def test_cli_serve_refuses_bad_input_before_loading_the_model(tmp_path, capsys):
-    from repedit.cli import main
+    from repedit.cli.main import main
 
     assert main(["serve", "--store", str(tmp_path / "missing")]) == 2
     assert "not a vector store" in capsys.readouterr().err

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import HIDDEN, build_tiny_model
 
 import repedit
-from repedit.generation import left_pad, render_chat
 from repedit.io import InputError
+from repedit.model.generation import left_pad, render_chat
 from repedit.steering import SiteEdit, UserEdit, ablation, steer
-
-from conftest import HIDDEN, build_tiny_model
 
 LAYER = 1
 

@@ -10,16 +10,16 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import write_pairs_jsonl
 
 import repedit
-from repedit.cli import main
+from repedit.cli.main import main
 from repedit.io import InputError
-from repedit.pairs import REAL_HISTORY, SELF_GENERATED, Pair
-from repedit.steering import SiteEdit, UserEdit, fit_user_edits, save_edits
-from repedit.store import UnknownUserError, VectorStore
-from repedit.store_compress import steering_effect
-
-from conftest import write_pairs_jsonl
+from repedit.pairs.synthesis import REAL_HISTORY, SELF_GENERATED, Pair
+from repedit.steering import SiteEdit, UserEdit, fit_user_edits
+from repedit.store import save_edits
+from repedit.store.compress import steering_effect
+from repedit.store.vectors import UnknownUserError, VectorStore
 
 PROMPTS = ["Say hi.", "Describe the sea.", "Give advice.", "Name a colour.", "Tell a joke.", "Plan a trip.", "Cook rice."]
 

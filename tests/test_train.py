@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import repedit
+from repedit.evaluate.scoring import response_logprobs
 from repedit.io import InputError
 from repedit.kernels import lowrank_edit
-from repedit.pairs import REAL_HISTORY, SELF_GENERATED, Pair
-from repedit.steering import RowParams, SiteEdit, UserEdit, apply_operator, steer
-from repedit.steering.scoring import response_logprobs
+from repedit.pairs.synthesis import REAL_HISTORY, SELF_GENERATED, Pair
+from repedit.steering import RowParams, SiteEdit, UserEdit, apply_operator
 from repedit.steering.train import TrainSettings, train_user_edits
-from repedit.store import VectorStore
+from repedit.store.vectors import VectorStore
 
 PROMPTS = ["Say hi.", "Describe the sea.", "Give advice.", "Name a colour.", "Tell a joke.", "Plan a trip."]
 STYLES = {"alice": "YO!!! lol so", "bob": "Kindly note, dear sir, that", "cara": "hmm. ok. fine."}
@@ -144,9 +144,9 @@ def test_training_refuses_users_with_too_few_items_and_stops_on_nan(tiny_model, 
 
 
 def test_fit_cli_trains_writes_edits_and_writes_nothing_on_nan(tiny_folder, tmp_path):
-    from repedit.cli import main
-
     from conftest import write_pairs_jsonl
+
+    from repedit.cli.main import main
 
     folder, model = tiny_folder
     pairs_file = write_pairs_jsonl(tmp_path / "pairs.jsonl", make_pairs())
@@ -166,9 +166,9 @@ def test_fit_cli_trains_writes_edits_and_writes_nothing_on_nan(tiny_folder, tmp_
 
 @pytest.mark.default_model
 def test_fluency_rule_rejects_a_degenerate_edit_and_admits_the_unsteered_model(default_model_and_tokenizer):
-    from repedit.generation import GenerationSettings
-    from repedit.steering.select import HeldOut
-    from repedit.steering.strength import select_strength_by_generation
+    from repedit.evaluate.select import HeldOut
+    from repedit.evaluate.strength import select_strength_by_generation
+    from repedit.model.generation import GenerationSettings
 
     model, tokenizer = default_model_and_tokenizer
     torch.manual_seed(0)

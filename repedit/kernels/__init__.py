@@ -17,12 +17,13 @@ Ops (``h`` ``[B, T, d]``, one edit per batch row; pass ``[N, 1, d]`` for one per
 * :func:`gather_add` — ``h + s·V[idx]``;
 * :func:`project_edit` — ``h − b·(h·u)u + s·v`` with a unit ``u`` per user, or ``h − b·UᵀUh + s·v``;
 * :func:`add_edit_rms_norm` — ``r' = x + r + s·V[idx]``, ``y = rmsnorm(r')·w`` in one pass (the
-  input of the next attention in llama-style models); :func:`fused_steering` wires it into a model;
+  input of the next attention in llama-style models); :func:`repedit.steering.fused_steering` wires it into a model (tensor ops only here: this package imports nothing
+  of repedit, so the steering stage can build on it);
 * :func:`lowrank_edit` — ``h + a·Rᵀ(Wh + β − Rh)`` (LoReFT) with per-user R, W, β, a: the reference
   only (no Triton kernel yet), differentiable, shared by training and serving;
 * :func:`attn_out_edit` — ``o + s·V[idx]`` on an attention output; a *composition* (attention, then
   gather-add), since repedit has no Triton attention whose epilogue it could join;
-  :func:`value_edit_as_attn_out` converts a value-path edit into it.
+  :func:`repedit.steering.value_edit_as_attn_out` converts a value-path edit into it.
 
 The steering hooks (:func:`repedit.steering.steer`) call :func:`gather_add` for ``add`` edits and
 :func:`project_edit` for ``project_out``: Triton on GPU, and on CPU the reference, bit-identical to
@@ -37,22 +38,12 @@ from typing import Callable
 import torch
 
 from . import reference
+from .ops import INTERPRET, TRITON_IMPORT_ERROR, add_edit_rms_norm, attn_out_edit, backend, gather_add, project_edit, triton_available, uses_triton
 from .reference import lowrank_edit
-from .ops import (
-    INTERPRET,
-    TRITON_IMPORT_ERROR,
-    add_edit_rms_norm,
-    attn_out_edit,
-    backend,
-    gather_add,
-    project_edit,
-    triton_available,
-    uses_triton,
-)
 
 __all__ = [
-    "INTERPRET", "TRITON_IMPORT_ERROR", "FusedSteeringHandle", "add_edit_rms_norm", "attn_out_edit", "backend", "compiled",
-    "fused_steering", "gather_add", "lowrank_edit", "project_edit", "reference", "triton_available", "uses_triton", "value_edit_as_attn_out",
+    "INTERPRET", "TRITON_IMPORT_ERROR", "add_edit_rms_norm", "attn_out_edit", "backend", "compiled",
+    "gather_add", "lowrank_edit", "project_edit", "reference", "triton_available", "uses_triton",
 ]
 
 _REFERENCE_OPS = ("gather_add", "project_edit", "add_edit_rms_norm", "attn_out_edit")
@@ -70,12 +61,3 @@ def compiled(name: str, dynamic: bool | None = None) -> Callable:
     if name not in _REFERENCE_OPS:
         raise ValueError(f"unknown op {name!r}: expected one of {', '.join(_REFERENCE_OPS)}")
     return torch.compile(getattr(reference, name), dynamic=dynamic)
-
-
-def __getattr__(name: str):
-    # fused.py imports repedit.steering, whose hooks import this package: load it on first use.
-    if name in ("fused_steering", "FusedSteeringHandle", "value_edit_as_attn_out"):
-        from . import fused
-
-        return getattr(fused, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

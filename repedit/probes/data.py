@@ -13,9 +13,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..capture import Activations, capture
+from ..capture.activations import Activations, capture
 from ..io import InputError, sha256_of
-from ..pairs import Pair
+from ..pairs.synthesis import Pair
 
 
 def capture_pairs(
@@ -39,7 +39,7 @@ def capture_pairs(
 
 @dataclass(frozen=True)
 class PairData:
-    """Labels and groups of an :class:`~repedit.capture.Activations` of pairs, as tensors.
+    """Labels and groups of an :class:`~repedit.capture.activations.Activations` of pairs, as tensors.
 
     ``labels`` ``[n]`` (1 personalised / 0 neutral), ``pair_ids`` ``[n]``, ``groups`` ``[n]`` (an
     integer per prompt), ``users`` (a user id per item), ``data_hash`` (hash of the metadata and of

@@ -34,9 +34,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..arch import get_adapter
-from ..capture import Activations
+from ..capture.activations import Activations
 from ..io import InputError
+from ..model.arch import get_adapter
 from .types import Direction, Probe, Subspace
 
 _CHUNK_ROWS = 16384  # unembedding rows per matmul: bounds the float32 copy of a bf16 vocab matrix

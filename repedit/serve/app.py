@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from ..generation import render_chat
 from ..io import InputError, check_user_id, read_json
-from ..models import model_fingerprint
-from ..store import UnknownUserError, VectorStore
+from ..model.generation import render_chat
+from ..model.loading import model_fingerprint
+from ..store.vectors import UnknownUserError, VectorStore
 from .engine import Done, Engine, EngineClosed, Event, Failed, GenerationRequest, Overloaded, SamplingParams, Tokens
 from .protocol import APIError, ChatRequest, Limits, chunk, completion, parse_chat_request, usage
 from .text import TextAssembler
@@ -330,7 +330,7 @@ def run_server(model_name: str, store: str | Path | None, *, host: str = "127.0.
     """Load the model, open the store and serve until interrupted (``repedit serve``)."""
     import uvicorn
 
-    from ..models import load_model
+    from ..model.loading import load_model
 
     token_map = read_tokens(tokens) if tokens is not None else None
     vector_store = VectorStore(store) if store is not None else None  # fail on a bad store before loading the model

@@ -8,7 +8,7 @@ and then advances every running row by one token per forward. Rows leave the bat
 finish (end-of-turn token, ``max_tokens``, cancelled), so a long answer never holds up short ones.
 
 A row's greedy tokens equal offline generation (``model.generate`` through
-:func:`repedit.generation.generate_batch`) with that user's edit: the same prefill (position ids from
+:func:`repedit.model.generation.generate_batch`) with that user's edit: the same prefill (position ids from
 the attention mask, logits of the last token only), the same per-step inputs, and padding that is
 masked out; rows of a batch never see each other (equal up to float rounding, as any batching).
 Sliding-window caches cannot be merged: for such models new requests wait for the running batch.
@@ -31,8 +31,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..generation import _stop_ids, left_pad
 from ..io import InputError
+from ..model.generation import _stop_ids, left_pad
 from ..steering import UserEdit, steer
 from .kv import can_merge, merge_caches, select_rows, trim_left
 

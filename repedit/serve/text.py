@@ -1,6 +1,6 @@
 """Token ids to text, incrementally: deltas for streaming whose concatenation is exactly the final text.
 
-The final text is what offline generation reports (:class:`repedit.generation.Generated`):
+The final text is what offline generation reports (:class:`repedit.model.generation.Generated`):
 ``tokenizer.decode(ids, skip_special_tokens=True).strip()``, cut before the first stop string when
 the request gave any. While tokens arrive, only text that can no longer change is released: an
 incomplete UTF-8 character (decoded as U+FFFD) waits for its next byte, trailing whitespace waits for

@@ -1,14 +1,19 @@
-"""Align it: per-user edits of hidden states at inference, one user or many users per batch."""
+"""Align it: per-user edits of hidden states at inference, one user or many users per batch.
+
+Edits (:class:`UserEdit` of :class:`SiteEdit`), their operators, the :func:`steer` handle (also a
+context manager; per-row tables, row 0 = no edit), the fused GPU wiring, and fitting: mean
+differences (:func:`fit_user_edits`) and trained edits (:func:`train_user_edits`).
+"""
 
 from .apply import SteeringHandle, steer
-from .scoring import response_kl, response_logprobs
-from .select import DEFAULT_MAX_KL, HeldOut, Selection, select_layer_strength
-from .fit import FIT_METHODS, default_layers, fit_user_edits, save_edits
 from .edit import INDEX_CONVENTION, SiteEdit, UserEdit, ablation, check_model
+from .fit import FIT_METHODS, default_layers, fit_user_edits
+from .fused import FusedSteeringHandle, fused_steering, value_edit_as_attn_out
 from .operators import OPERATORS, RowParams, apply_operator
+from .train import TRAIN_KINDS, TrainResult, TrainSettings, train_user_edits
 
 __all__ = [
-    "INDEX_CONVENTION", "OPERATORS", "RowParams", "SiteEdit", "SteeringHandle", "UserEdit", "ablation", "apply_operator",
-    "check_model", "steer", "DEFAULT_MAX_KL", "HeldOut", "Selection", "response_kl", "response_logprobs",
-    "select_layer_strength", "FIT_METHODS", "default_layers", "fit_user_edits", "save_edits",
+    "FIT_METHODS", "INDEX_CONVENTION", "OPERATORS", "TRAIN_KINDS", "FusedSteeringHandle", "RowParams", "SiteEdit", "SteeringHandle",
+    "TrainResult", "TrainSettings", "UserEdit", "ablation", "apply_operator", "check_model", "default_layers", "fit_user_edits",
+    "fused_steering", "steer", "train_user_edits", "value_edit_as_attn_out",
 ]

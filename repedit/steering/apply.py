@@ -15,11 +15,11 @@ from typing import Any, Sequence
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from ..arch import get_adapter
-from ..hooks import register_site_hook
 from ..io import InputError
 from ..kernels import gather_add, lowrank_edit, project_edit
-from ..sites import parse_site
+from ..model.arch import get_adapter
+from ..model.hooks import register_site_hook
+from ..model.sites import parse_site
 from .edit import SiteEdit, UserEdit, check_model
 from .operators import RowParams, apply_operator
 

@@ -251,8 +251,8 @@ class UserEdit:
 
 def check_model(edit: UserEdit, model) -> None:
     """Raise :class:`InputError` when ``edit`` was made for another model (fingerprint or ``d_model``)."""
-    from ..arch import get_adapter
-    from ..models import model_fingerprint
+    from ..model.arch import get_adapter
+    from ..model.loading import model_fingerprint
 
     d_model = get_adapter(model).d_model
     if edit.d_model != d_model:
@@ -271,8 +271,8 @@ def ablation(direction: torch.Tensor, model, *, user_id: str = "ablation", stren
     Projects the direction out of ``resid_pre.0`` (the embeddings) and out of every ``attn_out.L`` and
     ``mlp_out.L``, so that no layer can write it back.
     """
-    from ..arch import get_adapter
-    from ..models import model_fingerprint
+    from ..model.arch import get_adapter
+    from ..model.loading import model_fingerprint
 
     adapter = get_adapter(model)
     sites = ["resid_pre.0"] + [f"{kind}.{layer}" for layer in range(adapter.n_layers) for kind in ("attn_out", "mlp_out")]

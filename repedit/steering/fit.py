@@ -18,15 +18,14 @@ method         edit at each chosen ``resid_post.L``
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..arch import get_adapter
-from ..io import InputError, check_user_id, write_json
-from ..models import model_fingerprint
-from ..pairs import REAL_HISTORY, Pair
+from ..io import InputError
+from ..model.arch import get_adapter
+from ..model.loading import model_fingerprint
+from ..pairs.synthesis import REAL_HISTORY, Pair
 from ..probes.data import PairData, capture_pairs
 from ..probes.methods import ccs, diff_of_means, pca_of_differences, svd_subspace
 from .edit import SiteEdit, UserEdit
@@ -113,19 +112,3 @@ def fit_user_edits(
                         "sources": sorted({p.source for p in used if p.user_id == user})},
         )
     return edits
-
-
-def save_edits(edits: dict[str, UserEdit], directory: str | Path) -> Path:
-    """Write ``<user_id>.safetensors`` + ``<user_id>.json`` per user and an ``index.json``.
-
-    User ids must be plain names (letters, digits, ``_ . -``; no path separators).
-    """
-    directory = Path(directory)
-    for user_id, edit in edits.items():
-        check_user_id(user_id)
-        edit.save(directory / user_id)
-    write_json(directory / "index.json", {
-        "format": "repedit.edits_index", "users": sorted(edits),
-        "methods": sorted({e.method for e in edits.values()}), "model_fingerprints": sorted({e.model_fingerprint for e in edits.values()}),
-    })
-    return directory

@@ -42,14 +42,14 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import get_adapter
-from ..hooks import register_site_hook
-from ..inputs import encode
 from ..io import InputError
 from ..kernels import reference
-from ..models import model_fingerprint
-from ..pairs import REAL_HISTORY, SELF_GENERATED, Pair
-from ..sites import parse_site
+from ..model.arch import get_adapter
+from ..model.hooks import register_site_hook
+from ..model.inputs import encode
+from ..model.loading import model_fingerprint
+from ..model.sites import parse_site
+from ..pairs.synthesis import REAL_HISTORY, SELF_GENERATED, Pair
 from .edit import SiteEdit, UserEdit
 from .fit import default_layers, fit_user_edits
 
@@ -99,6 +99,10 @@ class TrainResult:
     best: dict[str, dict[str, Any]]
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """Everything but the edits, JSON-ready (``training.json``)."""
+        return {"settings": self.settings, "best": self.best, "history": self.history, "seconds": self.seconds}
 
 
 @dataclass(frozen=True)
@@ -245,18 +249,6 @@ def _split_users(pairs: Sequence[Pair], val_items: int) -> tuple[list[str], dict
                          f"{val_items} to validate): " + ", ".join(f"{u!r} has {n}" for u, n in too_few.items()))
     users = list(real)
     return users, {u: real[u][:-val_items] for u in users}, {u: real[u][-val_items:] for u in users}
-
-
-def validation_items(pairs: Sequence[Pair], val_items: int) -> list:
-    """The validation split :func:`train_user_edits` uses, as :class:`~repedit.steering.select.HeldOut`
-    items: each user's last ``val_items`` real-history pairs (prompt and the user's own text)."""
-    from .select import HeldOut
-
-    real: dict[str, list[Pair]] = {}
-    for pair in pairs:
-        if pair.source == REAL_HISTORY:
-            real.setdefault(pair.user_id, []).append(pair)
-    return [HeldOut(user, p.prompt, p.personalized) for user, ps in real.items() for p in ps[-val_items:]]
 
 
 def train_user_edits(

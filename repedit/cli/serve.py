@@ -1,0 +1,35 @@
+"""``repedit serve``: the OpenAI-compatible server steering each request with its user's edit."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_model_argument
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from ..serve.app import run_server
+    from ..serve.protocol import Limits
+
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+                    default_temperature=args.default_temperature)
+    run_server(args.model, args.store, host=args.host, port=args.port, tokens=args.tokens, served_name=args.served_name, limits=limits,
+               max_batch_size=args.max_batch_size, batch_window=args.batch_window_ms / 1000, log_level=args.log_level)
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="OpenAI-compatible server (/v1/chat/completions) steering each request with its user's edit")
+    add_model_argument(serve)
+    serve.add_argument("--store", default=None, help="vector store directory (repedit fit output); without it every request is unsteered")
+    serve.add_argument("--tokens", default=None, help="JSON file {bearer token: [user ids] or \"*\"}; without it no authentication")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-name", default=None, help="model id clients send (default: --model)")
+    serve.add_argument("--max-batch-size", type=int, default=64, help="most requests decoded together")
+    serve.add_argument("--batch-window-ms", type=float, default=5.0, help="how long an idle server waits to batch requests arriving together")
+    serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    serve.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    serve.add_argument("--default-temperature", type=float, default=0.0, help="temperature when a request gives none (0 = greedy)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 beyond)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(run=_serve)

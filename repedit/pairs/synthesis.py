@@ -1,0 +1,450 @@
+"""Fake it: self-generated per-user preference pairs.
+
+For each user the model (1) sees ``k`` representative history items, chosen for diversity in its own
+representation space (farthest-point sampling on mean-pooled hidden states), (2) writes a short
+*insight* summary of the user's style and preferences, and (3) answers every prompt twice: a
+*personalised* response conditioned on the insights and examples, and a *neutral* response with no
+user information (the neutral response depends on the prompt only, so it is generated once per prompt
+and shared by all users). Empty, truncated and near-duplicate pairs are dropped. When history items
+carry a ``prompt``, *real-history* pairs (the StyleVector variant) pair the user's own text with the
+model's neutral answer to the same prompt.
+
+The job is resumable and lossless: pairs are appended to the output JSONL one batch at a time (a
+torn last line is repaired on restart), insights, neutral answers and dropped keys are kept in
+``<out>.state.json`` (written atomically), and work is cut into the same batches on every run, so a
+restarted job regenerates exactly what is missing — no pair lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..capture.activations import capture
+from ..capture.embedding import text_representations
+from ..io import InputError, read_json, read_jsonl, sha256_of, write_json
+from ..model.generation import Generated, GenerationSettings, generate_chat
+from ..model.inputs import chunks
+from ..model.loading import model_fingerprint
+from .users import User
+
+# Greedy, with a mild repetition penalty: without it the 135M default model loops in long answers.
+DEFAULT_SETTINGS = GenerationSettings(max_new_tokens=96, repetition_penalty=1.2)
+SELF_GENERATED = "self-generated"
+REAL_HISTORY = "real-history"
+
+
+@dataclass(frozen=True)
+class PairTemplates:
+    """Prompt templates (``str.format`` fields in braces). Override any of them to change the prompts.
+
+    * Insight: ``insight_system``, then ``insight_user`` with ``{examples}`` (the selected history
+      items, each rendered with ``example``: ``{text}``) and ``{profile}`` (``"Profile: ...\n\n"`` or empty).
+    * Personalised response: ``personalized_system`` with ``{insights}``; the selected history items
+      that have a ``prompt`` follow as few-shot chat turns (user: the item's prompt, assistant: the
+      user's text), those without one are listed in the system message via ``personalized_examples``
+      (``{examples}``); the last user turn is ``{prompt}`` through ``request``.
+    * Neutral response: ``neutral_system`` and the same ``request``, with no user information.
+    """
+
+    insight_system: str = "You are an expert at describing how people write."
+    insight_user: str = (
+        "{profile}Here are texts written by one person:\n{examples}\n\n"
+        "In two sentences, describe this person's writing style (length, tone, formality, emoji, vocabulary) "
+        "and their main interests. Start with \"This user\"."
+    )
+    example: str = "- {text}"
+    personalized_system: str = (
+        "You are a helpful assistant. Write every answer exactly the way this user writes. {insights} "
+        "Match the user's length, tone, punctuation, emoji and vocabulary."
+    )
+    personalized_examples: str = "\n\nExamples of the user's writing:\n{examples}"
+    neutral_system: str = "You are a helpful assistant. Answer in at most three sentences."
+    request: str = "{prompt}"
+
+    def __post_init__(self) -> None:
+        required = {
+            "insight_user": ("{examples}",), "personalized_system": ("{insights}",),
+            "personalized_examples": ("{examples}",), "example": ("{text}",), "request": ("{prompt}",),
+        }
+        for name, fields in required.items():
+            for required in fields:
+                if required not in getattr(self, name):
+                    raise InputError(f"template {name!r} must contain {required}")
+
+    def personalized(self, user: User, selected: Sequence[int], insights: str, prompt: str) -> list[dict[str, str]]:
+        """The conversation that asks for ``user``'s personalised answer to ``prompt``."""
+        items = [user.history[i] for i in selected]
+        system = self.personalized_system.format(insights=insights)
+        listed = [item for item in items if item.prompt is None]
+        if listed:
+            system += self.personalized_examples.format(examples="\n".join(self.example.format(text=i.text) for i in listed))
+        turns = [{"role": "system", "content": system}]
+        for item in items:
+            if item.prompt is not None:
+                turns += [{"role": "user", "content": self.request.format(prompt=item.prompt)}, {"role": "assistant", "content": item.text}]
+        return turns + [{"role": "user", "content": self.request.format(prompt=prompt)}]
+
+    def neutral(self, prompt: str) -> list[dict[str, str]]:
+        """The conversation that asks for the neutral answer to ``prompt``."""
+        return [{"role": "system", "content": self.neutral_system}, {"role": "user", "content": self.request.format(prompt=prompt)}]
+
+    def insight(self, user: User, selected: Sequence[int]) -> list[dict[str, str]]:
+        """The conversation that asks the model to summarise ``user``'s style and preferences."""
+        examples = "\n".join(self.example.format(text=user.history[i].text) for i in selected)
+        profile = f"Profile: {user.profile}\n\n" if user.profile else ""
+        return [{"role": "system", "content": self.insight_system}, {"role": "user", "content": self.insight_user.format(examples=examples, profile=profile)}]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference pair: ``personalized`` (positive) vs ``neutral`` (negative) for one user and prompt."""
+
+    user_id: str
+    prompt: str
+    personalized: str
+    neutral: str
+    insights: str = ""
+    source: str = SELF_GENERATED
+    settings: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.user_id, self.prompt, self.source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _key_string(key: tuple[str, str, str]) -> str:
+    return json.dumps(list(key), ensure_ascii=False)
+
+
+def select_representative(reps: torch.Tensor, k: int) -> list[int]:
+    """Pick ``k`` diverse rows of ``reps`` ``[n, d]`` by farthest-point sampling (cosine distance).
+
+    Starts from the row closest to the mean (the most typical item), then repeatedly adds the row
+    farthest from everything chosen so far. Deterministic; returns indices in selection order.
+    """
+    n = reps.shape[0]
+    if k >= n:
+        return list(range(n))
+    unit = torch.nn.functional.normalize(reps.double(), dim=1)
+    centre = torch.nn.functional.normalize(unit.mean(0, keepdim=True), dim=1)
+    chosen = [int((unit @ centre.T).squeeze(1).argmax())]
+    distance = 1 - unit @ unit[chosen[0]]
+    while len(chosen) < k:
+        distance[chosen] = -1.0
+        nxt = int(distance.argmax())
+        chosen.append(nxt)
+        distance = torch.minimum(distance, 1 - unit @ unit[nxt])
+    return chosen
+
+
+def _sentence_ends(text: str, line_breaks: bool = False) -> list[int]:
+    """Character offsets just after each sentence end (``.``, ``!``, ``?`` before a space or the end;
+    optionally also line breaks)."""
+    pattern = r"[.!?](\s|$)|\n" if line_breaks else r"[.!?](\s|$)"
+    return [m.end() for m in re.finditer(pattern, text)]
+
+
+def _first_sentences(text: str, n: int) -> str:
+    """The first ``n`` sentences of ``text`` (insights are asked to be two sentences; small models ramble)."""
+    ends = _sentence_ends(text)
+    return text[: ends[n - 1]].strip() if len(ends) >= n else text.strip()
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+class _Output:
+    """The output JSONL (append-only, torn last line repaired) plus its ``.state.json`` sidecar."""
+
+    def __init__(self, path: Path | None, config_key: str) -> None:
+        self.path = path
+        self.pairs: list[Pair] = []
+        self.state: dict[str, Any] = {"config": config_key, "selected": {}, "insights": {}, "neutral": {}, "dropped": {}}
+        if path is None:
+            return
+        self.state_path = path.with_name(path.name + ".state.json")
+        if self.state_path.exists():
+            state = read_json(self.state_path)
+            if state.get("config") != config_key:
+                raise InputError(
+                    f"{path}: this output was started with other inputs, model or settings; "
+                    "use a new --out path or delete it and its .state.json to start over"
+                )
+            self.state = state
+        if path.exists():
+            self._repair()
+            for line_number, obj in read_jsonl(path):
+                self.pairs.append(_pair_from_dict(obj, f"{path}:{line_number}"))
+
+    def _repair(self) -> None:
+        """Cut a torn last line (a kill during an append) so the file is valid JSONL again."""
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "rb+") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+
+    @property
+    def done(self) -> set[str]:
+        return {_key_string(p.key) for p in self.pairs} | set(self.state["dropped"])
+
+    def save_state(self) -> None:
+        if self.path is not None:
+            write_json(self.state_path, self.state)
+
+    def append(self, pairs: Sequence[Pair], dropped: dict[str, str]) -> None:
+        """Append ``pairs`` in one write (fsynced), then record ``dropped`` keys in the state."""
+        if self.path is not None and pairs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            payload = "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in pairs).encode("utf-8")
+            with open(self.path, "ab") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+        self.pairs.extend(pairs)
+        if dropped:
+            self.state["dropped"].update(dropped)
+            self.save_state()
+
+
+def _pair_from_dict(obj: Any, where: str) -> Pair:
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object for a pair")
+    for name in ("user_id", "prompt", "personalized", "neutral"):
+        if not isinstance(obj.get(name), str):
+            raise InputError(f"{where}: missing or non-string field {name!r}")
+    return Pair(
+        obj["user_id"], obj["prompt"], obj["personalized"], obj["neutral"], obj.get("insights", "") or "",
+        obj.get("source", SELF_GENERATED), obj.get("settings", {}) or {},
+    )
+
+
+def _response_reps(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], layer: int, batch_size: int) -> torch.Tensor:
+    """Mean-pooled ``resid_post.layer`` of each response given its prompt: ``[n, d_model]``."""
+    acts = capture(
+        model, tokenizer, list(zip(prompts, responses)), sites=[f"resid_post.{layer}"], position="mean",
+        span="response", batch_size=batch_size, progress=False,
+    )
+    return acts[f"resid_post.{layer}"]
+
+
+def _trim(generated: Generated) -> Generated:
+    """Cut a response that hit ``max_new_tokens`` back to its last complete sentence (``finished`` if any remains)."""
+    if generated.finished:
+        return generated
+    ends = _sentence_ends(generated.text, line_breaks=True)
+    if not ends:
+        return generated
+    return Generated(generated.text[: ends[-1]].strip(), True, generated.n_tokens)
+
+
+def _filter(
+    model, tokenizer, candidates: Sequence[tuple[Pair, Generated, Generated]], layer: int, threshold: float, batch_size: int,
+    truncated: str,
+) -> tuple[list[Pair], dict[str, str]]:
+    """Split candidates into kept pairs and ``{key: reason}`` for dropped ones."""
+    kept: list[Pair] = []
+    dropped: dict[str, str] = {}
+    checkable = []
+    for pair, personalized, neutral in candidates:
+        key = _key_string(pair.key)
+        if truncated == "trim":
+            personalized, neutral = _trim(personalized), _trim(neutral)
+            pair = replace(pair, personalized=personalized.text, neutral=neutral.text)
+        if not personalized.text or not neutral.text:
+            dropped[key] = "empty"
+        elif not personalized.finished or not neutral.finished:
+            dropped[key] = "truncated"
+        elif _normalise(personalized.text) == _normalise(neutral.text):
+            dropped[key] = "near-duplicate (same text)"
+        else:
+            checkable.append(pair)
+    if checkable:
+        prompts = [p.prompt for p in checkable] * 2
+        reps = _response_reps(model, tokenizer, prompts, [p.personalized for p in checkable] + [p.neutral for p in checkable], layer, batch_size)
+        cosine = torch.nn.functional.cosine_similarity(reps[: len(checkable)], reps[len(checkable):], dim=1)
+        for pair, value in zip(checkable, cosine.tolist()):
+            if value > threshold:
+                dropped[_key_string(pair.key)] = f"near-duplicate (cosine {value:.4f} > {threshold})"
+            else:
+                kept.append(pair)
+    return kept, dropped
+
+
+def generate(
+    model,
+    tokenizer,
+    users: Sequence[User],
+    prompts: Sequence[str],
+    *,
+    out: str | Path | None = None,
+    k: int = 4,
+    settings: GenerationSettings = DEFAULT_SETTINGS,
+    templates: PairTemplates = PairTemplates(),
+    near_duplicate: float = 0.995,
+    real_history: bool = True,
+    truncated: str = "drop",
+    layer: int | None = None,
+    progress: bool = True,
+) -> list[Pair]:
+    """Generate preference pairs for every user and prompt (see the module docstring).
+
+    Args:
+        users: users with histories (:func:`repedit.pairs.users.read_users`).
+        prompts: the prompt set; each user gets one self-generated pair per prompt.
+        out: output JSONL; when given the job is resumable (rerun with the same arguments to continue).
+        k: history items shown to the model per user (chosen for diversity).
+        settings: decoding settings (greedy by default; sampling with a seed optional).
+        near_duplicate: drop a pair when the cosine similarity of the two responses' mean-pooled
+            hidden states (at ``layer``) exceeds this, or when their texts are equal.
+        real_history: also make real-history pairs from history items that have a ``prompt``.
+        truncated: what to do with a response cut at ``settings.max_new_tokens``: ``"drop"`` the pair,
+            or ``"trim"`` the response back to its last complete sentence (dropped if none is left).
+        layer: the ``resid_post`` layer used for selection and de-duplication (default: middle).
+
+    Returns:
+        Every pair of the job (also those written by an earlier, interrupted run), in output order.
+    """
+    if not users:
+        raise InputError("no users given")
+    if not prompts:
+        raise InputError("no prompts given: the prompt set is empty")
+    ids = [u.user_id for u in users]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise InputError(f"duplicate user ids: {', '.join(duplicates)}")
+    if len(set(prompts)) != len(prompts):
+        raise InputError("duplicate prompts in the prompt set (pairs are keyed by user and prompt)")
+    if k < 1:
+        raise InputError(f"k must be at least 1, got {k}")
+    if truncated not in ("drop", "trim"):
+        raise InputError(f"truncated must be 'drop' or 'trim', got {truncated!r}")
+    from ..model.arch import get_adapter
+
+    layer = get_adapter(model).n_layers // 2 if layer is None else layer
+    fingerprint = model_fingerprint(model)
+    run_settings = {
+        "model": fingerprint, "k": k, "layer": layer, "near_duplicate": near_duplicate, "truncated": truncated,
+        **settings.to_dict(), "templates": sha256_of(asdict(templates))[:12],
+    }
+    config_key = sha256_of({
+        "settings": run_settings, "prompts": list(prompts), "real_history": real_history,
+        "users": [[u.user_id, [h.text for h in u.history], [h.prompt for h in u.history], u.profile] for u in users],
+    })
+    output = _Output(Path(out) if out is not None else None, config_key)
+    state = output.state
+
+    # 1-2. Representative items and insights, for users that have none yet (batched across users).
+    pending = [u for u in users if u.user_id not in state["insights"]]
+    if pending:
+        texts = [h.text for u in pending for h in u.history]
+        reps = text_representations(model, tokenizer, texts, layer, settings.batch_size)
+        start = 0
+        for user in pending:
+            state["selected"][user.user_id] = select_representative(reps[start:start + len(user.history)], k)
+            start += len(user.history)
+        conversations = [templates.insight(user, state["selected"][user.user_id]) for user in pending]
+        insight_settings = replace(settings, max_new_tokens=max(settings.max_new_tokens, 96))
+        for user, result in zip(pending, generate_chat(model, tokenizer, conversations, insight_settings, progress=progress, desc="insights")):
+            state["insights"][user.user_id] = _first_sentences(result.text, 2)
+        output.save_state()
+
+    # 3. Neutral answers, once per prompt (and per history prompt for real-history pairs).
+    needed = list(dict.fromkeys(list(prompts) + ([h.prompt for u in users for h in u.history if h.prompt] if real_history else [])))
+    missing = [p for p in needed if p not in state["neutral"]]
+    for _, batch in tqdm(list(chunks(missing, settings.batch_size)), desc="neutral", unit="batch", disable=not progress):
+        results = generate_chat(model, tokenizer, [templates.neutral(p) for p in batch], settings, progress=False)
+        for prompt, result in zip(batch, results):
+            state["neutral"][prompt] = {"text": result.text, "finished": result.finished, "n_tokens": result.n_tokens}
+        output.save_state()
+
+    def neutral(prompt: str) -> Generated:
+        entry = state["neutral"][prompt]
+        return Generated(entry["text"], entry["finished"], entry["n_tokens"])
+
+    # 4. Personalised answers: the same batches on every run, so a rerun regenerates exactly what is missing.
+    users_by_id = {u.user_id: u for u in users}
+    tasks = [(u.user_id, p) for u in users for p in prompts]
+    for _, batch in tqdm(list(chunks(tasks, settings.batch_size)), desc="personalised", unit="batch", disable=not progress):
+        done = output.done
+        if all(_key_string((uid, p, SELF_GENERATED)) in done for uid, p in batch):
+            continue
+        conversations = [
+            templates.personalized(users_by_id[uid], state["selected"][uid], state["insights"][uid], p) for uid, p in batch
+        ]
+        # Every message but the request is the user's shared prefix: its KV cache is computed once per batch.
+        results = generate_chat(model, tokenizer, conversations, settings, progress=False, prefix_messages=[len(c) - 1 for c in conversations])
+        candidates = [
+            (Pair(uid, p, r.text, neutral(p).text, state["insights"][uid], SELF_GENERATED, run_settings), r, neutral(p))
+            for (uid, p), r in zip(batch, results) if _key_string((uid, p, SELF_GENERATED)) not in done
+        ]
+        kept, dropped = _filter(model, tokenizer, candidates, layer, near_duplicate, settings.batch_size, truncated)
+        output.append(kept, dropped)
+
+    # 5. Real-history (StyleVector) pairs: the user's own text vs the neutral answer to its prompt.
+    if real_history:
+        done = output.done
+        candidates = []
+        for user in users:
+            for item in user.history:
+                if item.prompt is None:
+                    continue
+                pair = Pair(user.user_id, item.prompt, item.text, neutral(item.prompt).text, state["insights"][user.user_id], REAL_HISTORY, run_settings)
+                if _key_string(pair.key) not in done and all(c[0].key != pair.key for c in candidates):
+                    candidates.append((pair, Generated(item.text, True, 0), neutral(item.prompt)))
+        if candidates:
+            kept, dropped = _filter(model, tokenizer, candidates, layer, near_duplicate, settings.batch_size, truncated)
+            output.append(kept, dropped)
+    return list(output.pairs)
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    """Read pairs you bring: JSONL or CSV with ``personalized``/``neutral`` or ``positive``/``negative``
+    columns, plus optional ``user_id`` (default ``"default"``), ``prompt``, ``insights`` and ``source``.
+
+    Errors name ``file:line`` and the missing field. Pairs written by :func:`generate` read back as is.
+    """
+    path = Path(path)
+    rows: list[tuple[str, dict[str, Any]]] = []
+    if path.suffix.lower() == ".csv":
+        if not path.exists():
+            raise InputError(f"{path}: file not found")
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                rows.append((f"{path}:{reader.line_num}", dict(row)))
+    else:
+        rows = [(f"{path}:{n}", obj) for n, obj in read_jsonl(path)]
+    pairs = []
+    for where, obj in rows:
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected a JSON object with 'personalized' and 'neutral' (or 'positive' and 'negative')")
+        if "positive" in obj or "negative" in obj:
+            positive, negative = obj.get("positive"), obj.get("negative")
+            names = ("positive", "negative")
+        else:
+            positive, negative = obj.get("personalized"), obj.get("neutral")
+            names = ("personalized", "neutral")
+        for name, value in zip(names, (positive, negative)):
+            if not isinstance(value, str) or not value.strip():
+                raise InputError(f"{where}: missing or empty field {name!r} (expected 'personalized'/'neutral' or 'positive'/'negative')")
+        pairs.append(Pair(
+            str(obj.get("user_id") or "default"), str(obj.get("prompt") or ""), positive, negative,
+            str(obj.get("insights") or ""), str(obj.get("source") or "user-provided"),
+            obj.get("settings") if isinstance(obj.get("settings"), dict) else {},
+        ))
+    if not pairs:
+        raise InputError(f"{path}: no pairs (the file is empty)")
+    return pairs

@@ -109,8 +109,11 @@ def default_model_and_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tokenizer(default_model_and_tokenizer):
-    return default_model_and_tokenizer[1]
+def tokenizer():
+    """The default model's tokenizer alone (no weights loaded): what tiny-model tests need."""
+    import repedit
+
+    return repedit.load_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -146,3 +149,12 @@ def write_pairs_jsonl(path, pairs):
 
     path.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in pairs))
     return path
+
+
+def style_pairs(user: str, style: str, prompts, source: str | None = None) -> list:
+    """One pair per prompt: ``"<style> <i> <prompt>"`` (personalised) vs a plain answer (neutral), for ``user``;
+    ``source`` defaults to self-generated."""
+    from repedit.pairs.synthesis import SELF_GENERATED, Pair
+
+    source = source or SELF_GENERATED
+    return [Pair(user, p, f"{style} {i} {p}", f"A plain answer about {p.lower()}", "", source) for i, p in enumerate(prompts)]

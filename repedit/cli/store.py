@@ -7,7 +7,7 @@
     repedit store forget   --store DIR --decay G [--user ID ...]   (down-weight old evidence instead)
     repedit store compress --store DIR --k K [--model M [--prompts FILE]] [--report report.json]
     repedit store import-gguf --store DIR --gguf file.gguf --user ID [--model M]
-    repedit export gguf    --store DIR --user ID --out file.gguf [--strength S | --no-bake]
+    repedit export gguf    --store DIR --user ID --out file.gguf [--factor S | --no-bake]
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _export_gguf(args: argparse.Namespace) -> None:
     from ..store.gguf import export_gguf
 
     edit = _open(args).get(args.user)
-    result = export_gguf(edit, args.out, strength=1.0 if args.strength is None else args.strength, bake=not args.no_bake)
+    result = export_gguf(edit, args.out, factor=1.0 if args.factor is None else args.factor, bake=not args.no_bake)
     print(f"{args.user}: direction.{', direction.'.join(map(str, result.layers))} -> {result.path}")
     print(f"llama.cpp: llama-cli -m MODEL.gguf {result.llama_cpp_flag()}")
 
@@ -186,6 +186,6 @@ def add_commands(commands) -> None:
     gguf.add_argument("--user", required=True)
     gguf.add_argument("--out", required=True, help="output .gguf file")
     scale = gguf.add_mutually_exclusive_group()
-    scale.add_argument("--strength", type=float, default=None, help="extra factor baked into the vectors (default 1)")
+    scale.add_argument("--factor", type=float, default=None, help="strength factor baked into the vectors, x the edit's strength (default 1)")
     scale.add_argument("--no-bake", action="store_true", help="write unscaled vectors; use llama.cpp's --control-vector-scaled")
     gguf.set_defaults(run=_guard(_export_gguf))

@@ -59,12 +59,12 @@ def _impl(h: torch.Tensor):
 
 
 @torch.library.custom_op("repedit::gather_add", mutates_args=())
-def _gather_add_op(h: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _impl(h).gather_add(h, idx, table, scale)
+def _gather_add_op(h: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, row_strength: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _impl(h).gather_add(h, idx, table, row_strength)
 
 
 @_gather_add_op.register_fake
-def _(h, idx, table, scale=None):
+def _(h, idx, table, row_strength=None):
     return torch.empty_like(h)
 
 
@@ -75,13 +75,13 @@ def _project_edit_op(
     basis: torch.Tensor,
     strength: Optional[torch.Tensor] = None,
     table: Optional[torch.Tensor] = None,
-    scale: Optional[torch.Tensor] = None,
+    row_strength: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return _impl(h).project_edit(h, idx, basis, strength, table, scale)
+    return _impl(h).project_edit(h, idx, basis, strength, table, row_strength)
 
 
 @_project_edit_op.register_fake
-def _(h, idx, basis, strength=None, table=None, scale=None):
+def _(h, idx, basis, strength=None, table=None, row_strength=None):
     return torch.empty_like(h)
 
 
@@ -93,13 +93,13 @@ def _add_edit_rms_norm_op(
     weight: torch.Tensor,
     eps: float,
     x: Optional[torch.Tensor] = None,
-    scale: Optional[torch.Tensor] = None,
+    row_strength: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(residual).add_edit_rms_norm(residual, idx, table, weight, eps, x, scale)
+    return _impl(residual).add_edit_rms_norm(residual, idx, table, weight, eps, x, row_strength)
 
 
 @_add_edit_rms_norm_op.register_fake
-def _(residual, idx, table, weight, eps, x=None, scale=None):
+def _(residual, idx, table, weight, eps, x=None, row_strength=None):
     y = torch.empty(residual.shape, dtype=torch.promote_types(weight.dtype, residual.dtype), device=residual.device)
     return torch.empty_like(residual), y
 
@@ -107,15 +107,15 @@ def _(residual, idx, table, weight, eps, x=None, scale=None):
 # ----------------------------------------------------------------------------------- public API
 
 
-def gather_add(h: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def gather_add(h: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, row_strength: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row gather-add ``out[b, t] = h[b, t] + s[b]·table[idx[b]]``; ``idx[b] = -1``: row unchanged.
 
     ``h`` ``[B, T, d]`` (or ``[N, d]``: one edit per token), ``idx`` ``[B]``, ``table`` ``[R, d]``,
-    ``scale`` ``[B]`` or ``None`` (= 1). Triton on CUDA, the reference elsewhere.
+    ``row_strength`` ``[B]`` or ``None`` (= 1). Triton on CUDA, the reference elsewhere.
     """
     if uses_triton(h):
-        return torch.ops.repedit.gather_add(h, idx, table, scale)
-    return reference.gather_add(h, idx, table, scale)
+        return torch.ops.repedit.gather_add(h, idx, table, row_strength)
+    return reference.gather_add(h, idx, table, row_strength)
 
 
 def project_edit(
@@ -124,13 +124,13 @@ def project_edit(
     basis: torch.Tensor,
     strength: torch.Tensor | None = None,
     table: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
+    row_strength: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row projection edit ``h − b·(h·u)u + s·v`` (``basis`` ``[R, d]``) or ``h − b·UᵀUh + s·v``
     (``basis`` ``[R, k, d]``); see :func:`repedit.kernels.reference.project_edit`."""
     if uses_triton(h):
-        return torch.ops.repedit.project_edit(h, idx, basis, strength, table, scale)
-    return reference.project_edit(h, idx, basis, strength, table, scale)
+        return torch.ops.repedit.project_edit(h, idx, basis, strength, table, row_strength)
+    return reference.project_edit(h, idx, basis, strength, table, row_strength)
 
 
 def add_edit_rms_norm(
@@ -140,15 +140,15 @@ def add_edit_rms_norm(
     weight: torch.Tensor,
     eps: float,
     x: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
+    row_strength: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused residual add + per-row edit + RMSNorm: returns ``(r' = x + r + s·V[idx], rmsnorm(r')·w)``."""
     if uses_triton(residual):
-        return torch.ops.repedit.add_edit_rms_norm(residual, idx, table, weight, float(eps), x, scale)
-    return reference.add_edit_rms_norm(residual, idx, table, weight, eps, x, scale)
+        return torch.ops.repedit.add_edit_rms_norm(residual, idx, table, weight, float(eps), x, row_strength)
+    return reference.add_edit_rms_norm(residual, idx, table, weight, eps, x, row_strength)
 
 
-def attn_out_edit(attn_output: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def attn_out_edit(attn_output: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, row_strength: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row edit of an attention output ``o + s·V[idx]``, applied after the attention kernel.
 
     repedit runs no Triton attention of its own (Hugging Face's SDPA/eager/flash attention does the
@@ -157,4 +157,4 @@ def attn_out_edit(attn_output: torch.Tensor, idx: torch.Tensor, table: torch.Ten
     every value vector is the same edit (softmax weights sum to 1): see
     :func:`repedit.kernels.value_edit_as_attn_out`.
     """
-    return gather_add(attn_output, idx, table, scale)
+    return gather_add(attn_output, idx, table, row_strength)

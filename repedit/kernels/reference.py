@@ -8,7 +8,7 @@ Shapes and conventions (shared with the Triton kernels in :mod:`repedit.kernels.
 * ``idx`` ``[B]`` integer: the table row of each batch row; ``-1`` means *no edit* and leaves the
   row bit-for-bit unchanged. A table whose row 0 is zeros (the steering tables) may use ``0``
   instead: the row then gets ``h + 0``, equal in value (only ``-0.0`` becomes ``+0.0``).
-* tables are indexed by ``idx`` (one row per user); ``scale`` ``[B]`` (optional) is a strength per
+* tables are indexed by ``idx`` (one row per user); ``row_strength`` ``[B]`` (optional) is a strength per
   batch row, ``s[t]`` in the issue.
 * Arithmetic follows the steering hook exactly: a gathered row is cast to ``h``'s dtype before it is
   added, the projection is computed in ``h``'s dtype, and the RMSNorm is Hugging Face's
@@ -51,21 +51,21 @@ def _finish(out: torch.Tensor, h3: torch.Tensor, idx: torch.Tensor, inactive: bo
     return out if out.shape == shape else out.view(shape)
 
 
-def _scaled_rows(table: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, inactive: bool) -> torch.Tensor:
+def _scaled_rows(table: torch.Tensor, idx: torch.Tensor, row_strength: torch.Tensor | None, dtype: torch.dtype, inactive: bool) -> torch.Tensor:
     """``s[b]·table[idx[b]]`` in ``dtype``, ``[B, d]`` (the product is taken in fp32)."""
     rows = _gather(table, idx, inactive)
-    if scale is not None:
-        rows = rows.float() * scale.float()[:, None]
+    if row_strength is not None:
+        rows = rows.float() * row_strength.float()[:, None]
     return rows.to(dtype)
 
 
-def gather_add(h: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def gather_add(h: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, row_strength: torch.Tensor | None = None) -> torch.Tensor:
     """``out[b, t] = h[b, t] + s[b]·table[idx[b]]`` (``idx = -1``: row unchanged)."""
     inactive = _has_inactive(idx)
-    if h.ndim == 3 and scale is None and not inactive:  # the steering hook's case, kept lean (once per site and forward)
+    if h.ndim == 3 and row_strength is None and not inactive:  # the steering hook's case, kept lean (once per site and forward)
         return h + table.index_select(0, idx).to(h.dtype)[:, None, :]
     h3 = _as_3d(h)
-    out = h3 + _scaled_rows(table, idx, scale, h.dtype, inactive)[:, None, :]
+    out = h3 + _scaled_rows(table, idx, row_strength, h.dtype, inactive)[:, None, :]
     return _finish(out, h3, idx, inactive, h.shape)
 
 
@@ -75,13 +75,13 @@ def project_edit(
     basis: torch.Tensor,
     strength: torch.Tensor | None = None,
     table: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
+    row_strength: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out = h − b·(h·u)u + s·v`` per row (``basis`` ``[R, d]``, unit rows), or the subspace variant
     ``h − b·UᵀUh + s·v`` (``basis`` ``[R, k, d]``, orthonormal rows, zero rows as padding).
 
     ``strength`` ``[R]`` is ``b`` per table row (default 1: remove the whole component); ``table``
-    ``[R, d]`` the vectors ``v`` added after the projection (optional), ``scale`` ``[B]`` their
+    ``[R, d]`` the vectors ``v`` added after the projection (optional), ``row_strength`` ``[B]`` their
     strength per batch row. With ``strength``/``basis`` from a table whose row 0 is zero, index 0
     leaves a row unchanged in value.
     """
@@ -97,7 +97,7 @@ def project_edit(
         component = torch.einsum("btk,bkd->btd", torch.einsum("btd,bkd->btk", h3, u), u)
         out = h3 - (b * component if b is not None else component)
     if table is not None:
-        out = out + _scaled_rows(table, idx, scale, dtype, inactive)[:, None, :]
+        out = out + _scaled_rows(table, idx, row_strength, dtype, inactive)[:, None, :]
     return _finish(out, h3, idx, inactive, h.shape)
 
 
@@ -142,7 +142,7 @@ def add_edit_rms_norm(
     weight: torch.Tensor,
     eps: float,
     x: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
+    row_strength: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add + per-row edit + RMSNorm: ``r' = x + r + s·V[idx]``, ``y = rmsnorm(r')·w``.
 
@@ -152,10 +152,10 @@ def add_edit_rms_norm(
     time, as in the model (``x + r`` first, then the edit).
     """
     r = residual if x is None else residual + x
-    r = gather_add(r, idx, table, scale)
+    r = gather_add(r, idx, table, row_strength)
     return r, rms_norm(r, weight, eps)
 
 
-def attn_out_edit(attn_output: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def attn_out_edit(attn_output: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, row_strength: torch.Tensor | None = None) -> torch.Tensor:
     """Edit of the attention output per row: ``o + s·V[idx]`` (a :func:`gather_add` on ``o``)."""
-    return gather_add(attn_output, idx, table, scale)
+    return gather_add(attn_output, idx, table, row_strength)

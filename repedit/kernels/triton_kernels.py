@@ -28,9 +28,9 @@ import triton.language as tl
 
 @triton.jit
 def _gather_add_kernel(
-    h_ptr, out_ptr, idx_ptr, table_ptr, scale_ptr,
+    h_ptr, out_ptr, idx_ptr, table_ptr, row_strength_ptr,
     N, T, D, stride_table,
-    HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_ROW_STRENGTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -42,8 +42,8 @@ def _gather_add_kernel(
     offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
     h = tl.load(h_ptr + offsets, mask=inside, other=0.0)
     v = tl.load(table_ptr + idx[:, None] * stride_table + cols[None, :], mask=edit, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        v = v * tl.load(scale_ptr + batch_row, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_ROW_STRENGTH:
+        v = v * tl.load(row_strength_ptr + batch_row, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     v = v.to(h.dtype).to(tl.float32)  # round the row to h's dtype first, like the reference
     out = tl.where(edit, (h.to(tl.float32) + v).to(h.dtype), h)
     tl.store(out_ptr + offsets, out, mask=inside)
@@ -51,9 +51,9 @@ def _gather_add_kernel(
 
 @triton.jit
 def _project_edit_kernel(
-    h_ptr, out_ptr, idx_ptr, basis_ptr, strength_ptr, table_ptr, scale_ptr,
+    h_ptr, out_ptr, idx_ptr, basis_ptr, strength_ptr, table_ptr, row_strength_ptr,
     T, D, K, stride_basis_row, stride_basis_k, stride_table,
-    HAS_STRENGTH: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_STRENGTH: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_ROW_STRENGTH: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)
     batch_row = row // T
@@ -76,17 +76,17 @@ def _project_edit_kernel(
     out = hf - component
     if HAS_TABLE:
         v = tl.load(table_ptr + idx * stride_table + cols, mask=edit, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            v = v * tl.load(scale_ptr + batch_row).to(tl.float32)
+        if HAS_ROW_STRENGTH:
+            v = v * tl.load(row_strength_ptr + batch_row).to(tl.float32)
         out = out + v.to(h.dtype).to(tl.float32)
     tl.store(out_ptr + offsets, tl.where(edit, out.to(h.dtype), h), mask=inside)
 
 
 @triton.jit
 def _add_edit_rms_norm_kernel(
-    r_ptr, x_ptr, idx_ptr, table_ptr, scale_ptr, w_ptr, r_out_ptr, y_ptr,
+    r_ptr, x_ptr, idx_ptr, table_ptr, row_strength_ptr, w_ptr, r_out_ptr, y_ptr,
     T, D, stride_table, eps,
-    HAS_X: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_X: tl.constexpr, HAS_ROW_STRENGTH: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)
     batch_row = row // T
@@ -99,8 +99,8 @@ def _add_edit_rms_norm_kernel(
     if HAS_X:  # the block's residual add, rounded to the residual dtype as in the model
         r = (r.to(tl.float32) + tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)).to(r.dtype)
     v = tl.load(table_ptr + idx * stride_table + cols, mask=edit, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        v = v * tl.load(scale_ptr + batch_row).to(tl.float32)
+    if HAS_ROW_STRENGTH:
+        v = v * tl.load(row_strength_ptr + batch_row).to(tl.float32)
     r = tl.where(edit, (r.to(tl.float32) + v.to(r.dtype).to(tl.float32)).to(r.dtype), r)
     tl.store(r_out_ptr + offsets, r, mask=inside)
     rf = r.to(tl.float32)
@@ -120,7 +120,7 @@ def _row_warps(block_d: int) -> int:
     return 4 if block_d <= 2048 else 8 if block_d <= 8192 else 16
 
 
-def gather_add(h: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def gather_add(h: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, row_strength: torch.Tensor | None = None) -> torch.Tensor:
     h3, T, D = _rows(h)
     out = torch.empty_like(h3)
     n = h3.shape[0] * T
@@ -131,9 +131,9 @@ def gather_add(h: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, scale: t
     block_n = max(1, min(64, 4096 // block_d))
     grid = (triton.cdiv(n, block_n), triton.cdiv(D, block_d))
     _gather_add_kernel[grid](
-        h3, out, idx.contiguous(), table, scale if scale is not None else table,
+        h3, out, idx.contiguous(), table, row_strength if row_strength is not None else table,
         n, T, D, table.stride(0),
-        HAS_SCALE=scale is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        HAS_ROW_STRENGTH=row_strength is not None, BLOCK_N=block_n, BLOCK_D=block_d,
     )
     return out.view(h.shape)
 
@@ -144,7 +144,7 @@ def project_edit(
     basis: torch.Tensor,
     strength: torch.Tensor | None = None,
     table: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
+    row_strength: torch.Tensor | None = None,
 ) -> torch.Tensor:
     h3, T, D = _rows(h)
     out = torch.empty_like(h3)
@@ -158,9 +158,9 @@ def project_edit(
         h3, out, idx.contiguous(), basis,
         strength if strength is not None else dummy,
         table.contiguous() if table is not None else dummy,
-        scale if scale is not None else dummy,
+        row_strength if row_strength is not None else dummy,
         T, D, basis.shape[1], basis.stride(0), basis.stride(1), table.stride(0) if table is not None else 0,
-        HAS_STRENGTH=strength is not None, HAS_TABLE=table is not None, HAS_SCALE=scale is not None,
+        HAS_STRENGTH=strength is not None, HAS_TABLE=table is not None, HAS_ROW_STRENGTH=row_strength is not None,
         BLOCK_D=block_d, num_warps=_row_warps(block_d),
     )
     return out.view(h.shape)
@@ -173,7 +173,7 @@ def add_edit_rms_norm(
     weight: torch.Tensor,
     eps: float,
     x: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
+    row_strength: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r3, T, D = _rows(residual)
     x3 = _rows(x)[0] if x is not None else None
@@ -184,9 +184,9 @@ def add_edit_rms_norm(
         table = table.contiguous()
         block_d = triton.next_power_of_2(D)
         _add_edit_rms_norm_kernel[(n,)](
-            r3, x3 if x3 is not None else r3, idx.contiguous(), table, scale if scale is not None else table,
+            r3, x3 if x3 is not None else r3, idx.contiguous(), table, row_strength if row_strength is not None else table,
             weight.contiguous(), r_out, y,
             T, D, table.stride(0), float(eps),
-            HAS_X=x3 is not None, HAS_SCALE=scale is not None, BLOCK_D=block_d, num_warps=_row_warps(block_d),
+            HAS_X=x3 is not None, HAS_ROW_STRENGTH=row_strength is not None, BLOCK_D=block_d, num_warps=_row_warps(block_d),
         )
     return r_out.view(residual.shape), y.view(residual.shape)

@@ -7,6 +7,7 @@ the table is still accepted when one of the known layouts matches its modules ex
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -171,13 +172,37 @@ class ModelAdapter:
         return ".".join(parts)
 
 
+# model -> (model_type, layout, decoder path): no reference back to the model, so a cached model can still be freed.
+_LAYOUT_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[str, Layout, str]]" = weakref.WeakKeyDictionary()
+
+
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """Return the :class:`ModelAdapter` for a Hugging Face decoder-only model.
 
-    Raises :class:`UnsupportedModelError` naming the model type and the attribute paths looked for.
+    Cached per model object (finding the layout walks every module name); the cached adapter is reused only
+    while the model type is unchanged and the decoder still sits at the same path. Raises
+    :class:`UnsupportedModelError` naming the model type and the attribute paths looked for.
     """
     config = getattr(model, "config", None)
     model_type = str(getattr(config, "model_type", type(model).__name__))
+    cached = _LAYOUT_CACHE.get(model)
+    if cached is not None and cached[0] == model_type:
+        decoder = _submodule(model, cached[2])
+        if decoder is not None and _layout_matches(model, cached[1]):
+            return ModelAdapter(model, model_type, cached[1], decoder, cached[2])
+    adapter = _find_adapter(model, model_type)
+    _LAYOUT_CACHE[model] = (model_type, adapter.layout, adapter.module_prefix)
+    return adapter
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _find_adapter(model: nn.Module, model_type: str) -> ModelAdapter:
     known = LAYOUTS.get(model_type)
     # For an unknown type, try the most specific layouts first: a Gemma 2-like block also has every
     # module of the Llama layout, and matching it as Llama would hook the wrong attn_out/mlp_out.

@@ -68,10 +68,50 @@ def _file_key(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _cache_folder(gguf_path: Path, name: str) -> Path:
+    return cache_dir() / "models" / f"{name}-{_file_key(gguf_path)}"
+
+
+def _gguf_path(text: str) -> tuple[Path, str] | None:
+    """``(GGUF file, cache name)`` when ``text`` names the default model or a ``.gguf`` file, else ``None``."""
+    if text == DEFAULT_MODEL:
+        return default_gguf_path(), DEFAULT_MODEL
+    if text.endswith(".gguf"):
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise InputError(f"GGUF file not found: {path}")
+        return path.resolve(), path.stem
+    return None
+
+
+def _with_pad_token(tokenizer):
+    if getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(spec: str | os.PathLike = DEFAULT_MODEL):
+    """The tokenizer of a model ``spec`` (as :func:`load_model` takes it) without loading any weights; it
+    always has a pad token. Cheap for the default model once :func:`load_model` has cached it."""
+    from transformers import AutoTokenizer
+
+    text = str(spec)
+    gguf = _gguf_path(text)
+    if gguf is None:
+        path = Path(text).expanduser()
+        if text.startswith((".", "/", "~")) and not path.exists():
+            raise InputError(f"model folder not found: {path}")
+        return _with_pad_token(AutoTokenizer.from_pretrained(text))
+    folder = _cache_folder(*gguf)
+    if (folder / "repedit-cache.json").exists():
+        return _with_pad_token(AutoTokenizer.from_pretrained(folder))
+    return _with_pad_token(AutoTokenizer.from_pretrained(gguf[0].parent, gguf_file=gguf[0].name))
+
+
 def _load_gguf_cached(gguf_path: Path, name: str, use_cache: bool) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = cache_dir() / "models" / f"{name}-{_file_key(gguf_path)}"
+    folder = _cache_folder(gguf_path, name)
     if use_cache and (folder / "repedit-cache.json").exists():
         return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
 
@@ -118,13 +158,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     text = str(spec)
-    if text == DEFAULT_MODEL:
-        model, tokenizer = _load_gguf_cached(default_gguf_path(), DEFAULT_MODEL, use_cache)
-    elif text.endswith(".gguf"):
-        path = Path(text).expanduser()
-        if not path.exists():
-            raise InputError(f"GGUF file not found: {path}")
-        model, tokenizer = _load_gguf_cached(path.resolve(), path.stem, use_cache)
+    gguf = _gguf_path(text)
+    if gguf is not None:
+        model, tokenizer = _load_gguf_cached(*gguf, use_cache)
     else:
         path = Path(text).expanduser()
         if text.startswith((".", "/", "~")) and not path.exists():
@@ -134,8 +170,7 @@ def load_model(
     if dtype is not None:
         model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     model = model.to(device).eval()
-    if getattr(tokenizer, "pad_token", None) is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _with_pad_token(tokenizer)
     model.config.repedit_name = text  # recorded next to every vector derived from this model
     get_adapter(model)  # fail now, with a clear message, rather than at the first hook
     return model, tokenizer

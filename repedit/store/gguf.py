@@ -27,7 +27,7 @@ token position (prompt and generated alike): repedit's ``resid_post.N`` = HF ``h
 Two edits landing on the same ``N`` are summed (llama.cpp sums duplicates across files too).
 
 **Strength.** Baked (default): ``direction.N = s · a · v`` (``a`` the edit's strength, ``s`` an
-optional extra factor), used as ``--control-vector file.gguf``. Not baked: ``direction.N = v`` and
+optional strength factor), used as ``--control-vector file.gguf``. Not baked: ``direction.N = v`` and
 the file records the scale ``s · a`` (``repedit.scale``) to pass as ``--control-vector-scaled
 file.gguf <scale>``; this needs one common ``a`` across the edit's sites.
 
@@ -103,13 +103,13 @@ def direction_layer(site: str, n_layers: int | None = None) -> int:
 
 
 def export_gguf(
-    edit: UserEdit, path: str | Path, *, strength: float = 1.0, bake: bool = True, model=None,
+    edit: UserEdit, path: str | Path, *, factor: float = 1.0, bake: bool = True, model=None,
 ) -> GGUFExport:
     """Write ``edit`` as a llama.cpp control vector (format and rules in the module docstring), atomically.
 
     Args:
         edit: a user's edit made only of ``add`` edits at block outputs, applied at every position.
-        strength: extra factor ``s`` on top of each edit's own strength ``a``.
+        factor: strength factor ``s`` multiplying each edit's own strength ``a`` (as ``UserEdit * s``).
         bake: ``True`` writes ``s·a·v``; ``False`` writes ``v`` and records ``s·a`` for ``--control-vector-scaled``.
         model: optional; checks the edit was made for it and resolves negative layers.
 
@@ -138,9 +138,9 @@ def export_gguf(
     directions: dict[int, torch.Tensor] = {}
     for site_edit in edit.edits:
         layer = direction_layer(site_edit.site, n_layers)
-        vector = site_edit.vector.double() * (strength * site_edit.a if bake else 1.0)
+        vector = site_edit.vector.double() * (factor * site_edit.a if bake else 1.0)
         directions[layer] = directions[layer] + vector if layer in directions else vector
-    scale = 1.0 if bake else float(strength * strengths.pop())
+    scale = 1.0 if bake else float(factor * strengths.pop())
     path = Path(path)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), ARCH)

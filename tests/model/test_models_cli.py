@@ -24,6 +24,17 @@ def test_load_model_from_local_folder(tiny_folder):
         assert torch.equal(model(ids).logits, original(ids).logits)
 
 
+def test_load_tokenizer_loads_no_weights_and_matches_load_model(tiny_folder, tmp_path):
+    folder, _ = tiny_folder
+    _, tokenizer = repedit.load_model(str(folder))
+    alone = repedit.load_tokenizer(folder)
+    assert alone("Ahoy, matey!").input_ids == tokenizer("Ahoy, matey!").input_ids and alone.pad_token == tokenizer.pad_token
+    with pytest.raises(InputError, match="model folder not found"):
+        repedit.load_tokenizer(str(tmp_path / "missing"))
+    with pytest.raises(InputError, match="GGUF file not found"):
+        repedit.load_tokenizer(str(tmp_path / "missing.gguf"))
+
+
 def test_load_model_errors(tmp_path):
     with pytest.raises(InputError, match="GGUF file not found"):
         repedit.load_model(str(tmp_path / "missing.gguf"))
@@ -68,7 +79,12 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys, tiny_folder):
 def test_gguf_path_is_dequantised_once_then_cached(tmp_path, monkeypatch, default_model_and_tokenizer):
     reference, _ = default_model_and_tokenizer
     monkeypatch.setenv("REPEDIT_CACHE", str(tmp_path / "cache"))
+    from_gguf = repedit.load_tokenizer(str(default_gguf_path()))  # before the cache exists: read from the GGUF itself
     model, tokenizer = repedit.load_model(str(default_gguf_path()))
+    from_cache = repedit.load_tokenizer(str(default_gguf_path()))
+    text = "Hello there, 🏴‍☠️ matey!\n- a list"
+    assert from_gguf(text).input_ids == from_cache(text).input_ids == tokenizer(text).input_ids
+    assert from_gguf.pad_token == from_cache.pad_token == tokenizer.pad_token
     cached = list((tmp_path / "cache" / "models").iterdir())
     assert len(cached) == 1 and (cached[0] / "repedit-cache.json").exists()
     start = time.perf_counter()

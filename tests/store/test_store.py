@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import write_pairs_jsonl
+from conftest import style_pairs, write_pairs_jsonl
 
 import repedit
 from repedit.cli.main import main
@@ -25,7 +25,7 @@ PROMPTS = ["Say hi.", "Describe the sea.", "Give advice.", "Name a colour.", "Te
 
 
 def pairs_for(user, positive, prompts, source=REAL_HISTORY):
-    return [Pair(user, p, f"{positive} {i} {p}", f"A plain answer about {p.lower()}", "", source) for i, p in enumerate(prompts)]
+    return style_pairs(user, positive, prompts, source)
 
 
 def batch_a():
@@ -320,6 +320,10 @@ def test_store_cli(tiny_folder, tokenizer, tmp_path, capsys):
     assert "--control-vector-scaled" in capsys.readouterr().out
     assert main(["store", "import-gguf", "--store", str(store_dir), "--gguf", str(out), "--user", "alice2", "--model", str(folder)]) == 0
     torch.testing.assert_close(VectorStore(store_dir).get("alice2").edits[0].vector, VectorStore(store_dir).get("alice").edits[0].vector)
+    doubled = tmp_path / "alice-x2.gguf"  # --factor multiplies the edit's strength into the baked vector
+    assert main(["export", "gguf", "--store", str(store_dir), "--user", "alice", "--out", str(doubled), "--factor", "2"]) == 0
+    alice = VectorStore(store_dir).get("alice").edits[0]
+    torch.testing.assert_close(repedit.store.read_gguf_directions(doubled)[0][1], (2 * alice.a * alice.vector.double()).float())
     assert main(["store", "forget", "--store", str(store_dir), "--user", "alice", "alice2"]) == 0
     assert main(["store", "list", "--store", str(store_dir)]) == 0
     assert "1 users in" in capsys.readouterr().out

@@ -18,7 +18,7 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 # Per-cell limit: generous, because the 2 CPU cores are often shared with other jobs (the slowest cell,
 # notebook 2's pair generation, took 95-105 s that way). REPEDIT_NOTEBOOK_TIMEOUT overrides.

@@ -44,7 +44,7 @@ def test_written_file_has_exactly_the_llama_cpp_conventions(tiny_model, tmp_path
     # resid_pre.3 is the output of block 2: it lands on direction.2 together with resid_post.2 (summed).
     edit = UserEdit("emma", [SiteEdit("resid_post.2", "add", vector=v1, a=0.5), SiteEdit("resid_pre.3", "add", vector=v2, a=2.0),
                              SiteEdit("resid_post.1", "add", vector=v3, a=1.0)], fingerprint, D, method="caa")
-    result = export_gguf(edit, tmp_path / "emma.gguf", strength=3.0)
+    result = export_gguf(edit, tmp_path / "emma.gguf", factor=3.0)
     reader = gguf.GGUFReader(str(tmp_path / "emma.gguf"))
     fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
     assert fields["general.architecture"] == "controlvector"
@@ -65,7 +65,7 @@ def test_unbaked_file_leaves_the_strength_to_llama_cpp(tiny_model, tmp_path):
     fingerprint = repedit.model_fingerprint(tiny_model("llama"))
     v = vec(4)
     edit = UserEdit("tom", [SiteEdit("resid_post.1", "add", vector=v, a=0.25), SiteEdit("resid_post.2", "add", vector=-v, a=0.25)], fingerprint, D)
-    result = export_gguf(edit, tmp_path / "tom.gguf", strength=2.0, bake=False)
+    result = export_gguf(edit, tmp_path / "tom.gguf", factor=2.0, bake=False)
     assert result.scale == 0.5 and result.llama_cpp_flag().endswith("--control-vector-scaled " + str(tmp_path / "tom.gguf") + " 0.5")
     reader = gguf.GGUFReader(str(tmp_path / "tom.gguf"))
     np.testing.assert_array_equal(np.asarray(reader.tensors[0].data), v.numpy())  # unscaled

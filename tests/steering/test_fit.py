@@ -7,12 +7,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import write_pairs_jsonl
+from conftest import style_pairs, write_pairs_jsonl
 
 import repedit
 from repedit.cli.main import main
 from repedit.io import InputError
-from repedit.pairs.synthesis import REAL_HISTORY, SELF_GENERATED, Pair
+from repedit.pairs.synthesis import REAL_HISTORY, SELF_GENERATED
 from repedit.probes import capture_pairs
 from repedit.steering import fit_user_edits
 from repedit.store import VectorStore, save_edits
@@ -21,7 +21,7 @@ PROMPTS = ["Say hi.", "Describe the sea.", "Give advice.", "Name a colour."]
 
 
 def pairs_for(user, positive, source=SELF_GENERATED):
-    return [Pair(user, p, f"{positive} {i} {p}", f"A plain answer about {p.lower()}", "", source) for i, p in enumerate(PROMPTS)]
+    return style_pairs(user, positive, PROMPTS, source)
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ from repedit.io import InputError, check_user_id
 from repedit.pairs.lamp import LABELS, LampItem, lamp_metrics, normalize_task, read_lamp, read_outputs, read_predictions, score_files, write_lamp
 from repedit.pairs.users import read_users
 
-DATA = Path(__file__).parent / "data" / "lamp"
+DATA = Path(__file__).resolve().parents[1] / "data" / "lamp"
 TASK_NAMES = ["LaMP_1", "LaMP_2", "LaMP_3", "LaMP_4", "LaMP_5", "LaMP_7"]
 
 

@@ -38,7 +38,7 @@ def make_case(B=3, T=5, d=37, R=4, k=2, dtype=torch.float32, device="cpu", seed=
         x=torch.randn(B, T, d, generator=g),
         idx=torch.tensor(idx, dtype=torch.long),
         table=torch.randn(R, d, generator=g),
-        scale=torch.randn(B, generator=g),
+        row_strength=torch.randn(B, generator=g),
         basis=basis,
         direction=basis[:, 0].contiguous(),
         strength=torch.rand(R, generator=g) + 0.5,
@@ -50,16 +50,16 @@ def make_case(B=3, T=5, d=37, R=4, k=2, dtype=torch.float32, device="cpu", seed=
     return case
 
 
-def naive_gather_add(h, idx, table, scale=None):
+def naive_gather_add(h, idx, table, row_strength=None):
     out = h.clone()
     for b, i in enumerate(idx.tolist()):
         if i >= 0:
-            v = table[i].float() * (float(scale[b]) if scale is not None else 1.0)
+            v = table[i].float() * (float(row_strength[b]) if row_strength is not None else 1.0)
             out[b] = h[b] + v.to(h.dtype)
     return out
 
 
-def naive_project_edit(h, idx, basis, strength=None, table=None, scale=None):
+def naive_project_edit(h, idx, basis, strength=None, table=None, row_strength=None):
     """In float64, row by row: h − b·Σ_j (h·u_j) u_j + s·v."""
     out = h.double().clone()
     for b, i in enumerate(idx.tolist()):
@@ -70,7 +70,7 @@ def naive_project_edit(h, idx, basis, strength=None, table=None, scale=None):
         removed = sum((row @ u)[:, None] * u for u in rows)
         row = row - (float(strength[i]) if strength is not None else 1.0) * removed
         if table is not None:
-            row = row + table[i].double() * (float(scale[b]) if scale is not None else 1.0)
+            row = row + table[i].double() * (float(row_strength[b]) if row_strength is not None else 1.0)
         out[b] = row
     return out
 
@@ -82,9 +82,9 @@ def hf_rms_norm(weight, eps):
     return norm.to(weight.dtype)
 
 
-def naive_add_edit_rms_norm(residual, idx, table, weight, eps, x=None, scale=None):
+def naive_add_edit_rms_norm(residual, idx, table, weight, eps, x=None, row_strength=None):
     r = residual + x if x is not None else residual
-    r = naive_gather_add(r, idx, table, scale)
+    r = naive_gather_add(r, idx, table, row_strength)
     with torch.no_grad():
         return r, hf_rms_norm(weight, eps)(r)
 
@@ -103,12 +103,12 @@ def tolerance(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_scale", [False, True])
-def test_reference_gather_add_matches_the_per_row_loop_bit_for_bit(dtype, with_scale):
+@pytest.mark.parametrize("with_row_strength", [False, True])
+def test_reference_gather_add_matches_the_per_row_loop_bit_for_bit(dtype, with_row_strength):
     c = make_case(dtype=dtype)
-    scale = c["scale"] if with_scale else None
-    out = reference.gather_add(c["h"], c["idx"], c["table"], scale)
-    assert_bits_equal(out, naive_gather_add(c["h"], c["idx"], c["table"], scale))
+    row_strength = c["row_strength"] if with_row_strength else None
+    out = reference.gather_add(c["h"], c["idx"], c["table"], row_strength)
+    assert_bits_equal(out, naive_gather_add(c["h"], c["idx"], c["table"], row_strength))
     assert_bits_equal(out[1], c["h"][1])  # idx = -1
 
 
@@ -117,8 +117,8 @@ def test_reference_handles_negative_zero_and_all_inactive_batches_bit_for_bit():
     h = c["h"].clone()
     h[0, 0, :5] = -0.0
     for out in (
-        reference.gather_add(h, c["idx"], c["table"], c["scale"]),
-        reference.project_edit(h, c["idx"], c["basis"], c["strength"], c["table"], c["scale"]),
+        reference.gather_add(h, c["idx"], c["table"], c["row_strength"]),
+        reference.project_edit(h, c["idx"], c["basis"], c["strength"], c["table"], c["row_strength"]),
         reference.add_edit_rms_norm(h, c["idx"], c["table"], c["weight"], 1e-6)[0],
     ):
         assert_bits_equal(out, h)
@@ -137,7 +137,7 @@ def test_reference_per_token_layout():
 def test_reference_project_edit_matches_the_per_row_formula(subspace, extras):
     c = make_case()
     basis = c["basis"] if subspace else c["direction"]
-    args = (c["strength"], c["table"], c["scale"]) if extras else ()
+    args = (c["strength"], c["table"], c["row_strength"]) if extras else ()
     out = reference.project_edit(c["h"], c["idx"], basis, *args)
     torch.testing.assert_close(out.double(), naive_project_edit(c["h"], c["idx"], basis, *args), rtol=1e-5, atol=1e-5)
     if not extras:  # b = 1: the component along the direction(s) is gone
@@ -151,8 +151,8 @@ def test_reference_project_edit_matches_the_per_row_formula(subspace, extras):
 def test_reference_fused_add_edit_rms_norm_equals_hf_llama_rms_norm(dtype, with_x):
     c = make_case(dtype=dtype)
     x = c["x"] if with_x else None
-    r, y = reference.add_edit_rms_norm(c["h"], c["idx"], c["table"], c["weight"], 1e-5, x, c["scale"])
-    r_hf, y_hf = naive_add_edit_rms_norm(c["h"], c["idx"], c["table"], c["weight"], 1e-5, x, c["scale"])
+    r, y = reference.add_edit_rms_norm(c["h"], c["idx"], c["table"], c["weight"], 1e-5, x, c["row_strength"])
+    r_hf, y_hf = naive_add_edit_rms_norm(c["h"], c["idx"], c["table"], c["weight"], 1e-5, x, c["row_strength"])
     assert_bits_equal(r, r_hf)
     assert_bits_equal(y, y_hf)  # same arithmetic as HF's module, hence the same bits
 
@@ -175,9 +175,9 @@ def test_backend_on_cpu_is_the_reference_unless_the_interpreter_is_on():
 
 def _op_args(c):
     return {
-        "gather_add": (c["h"], c["idx"], c["table"], c["scale"]),
-        "project_edit": (c["h"], c["idx"], c["basis"], c["strength"], c["table"], c["scale"]),
-        "add_edit_rms_norm": (c["h"], c["idx"], c["table"], c["weight"], 1e-6, c["x"], c["scale"]),
+        "gather_add": (c["h"], c["idx"], c["table"], c["row_strength"]),
+        "project_edit": (c["h"], c["idx"], c["basis"], c["strength"], c["table"], c["row_strength"]),
+        "add_edit_rms_norm": (c["h"], c["idx"], c["table"], c["weight"], 1e-6, c["x"], c["row_strength"]),
     }
 
 
@@ -389,12 +389,12 @@ def test_value_edit_equals_its_attn_out_edit(llama):
 
 
 def test_triton_kernels_under_the_interpreter():
-    """tests/test_kernels_triton.py in a fresh process with TRITON_INTERPRET=1 set before any import."""
+    """tests/kernels/test_kernels_triton.py in a fresh process with TRITON_INTERPRET=1 set before any import."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_triton.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_kernels_triton.py"],
         cwd=root, env=env, capture_output=True, text=True, timeout=600,
     )
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
@@ -408,15 +408,15 @@ def test_triton_on_gpu_against_the_reference(dtype):
     for shape in (dict(B=3, T=5, d=37), dict(B=32, T=1, d=576), dict(B=4, T=33, d=4096, k=3)):
         c = make_case(dtype=dtype, device="cuda", idx=(2, -1, 0, 1)[: shape["B"]] + (1,) * max(0, shape["B"] - 4), **shape)
         assert kernels.backend(c["h"]) == "triton"
-        got = kernels.gather_add(c["h"], c["idx"], c["table"], c["scale"])
-        assert_bits_equal(got, reference.gather_add(c["h"], c["idx"], c["table"], c["scale"]))  # GPU rounds like torch
+        got = kernels.gather_add(c["h"], c["idx"], c["table"], c["row_strength"])
+        assert_bits_equal(got, reference.gather_add(c["h"], c["idx"], c["table"], c["row_strength"]))  # GPU rounds like torch
         for basis in (c["direction"], c["basis"]):
-            got = kernels.project_edit(c["h"], c["idx"], basis, c["strength"], c["table"], c["scale"])
-            want = reference.project_edit(c["h"].float(), c["idx"], basis, c["strength"], c["table"], c["scale"])
+            got = kernels.project_edit(c["h"], c["idx"], basis, c["strength"], c["table"], c["row_strength"])
+            want = reference.project_edit(c["h"].float(), c["idx"], basis, c["strength"], c["table"], c["row_strength"])
             torch.testing.assert_close(got.float(), want, **tolerance(dtype))
             assert_bits_equal(got[1], c["h"][1])
-        r, y = kernels.add_edit_rms_norm(c["h"], c["idx"], c["table"], c["weight"], 1e-6, c["x"], c["scale"])
-        r_ref, y_ref = reference.add_edit_rms_norm(c["h"], c["idx"], c["table"], c["weight"], 1e-6, c["x"], c["scale"])
+        r, y = kernels.add_edit_rms_norm(c["h"], c["idx"], c["table"], c["weight"], 1e-6, c["x"], c["row_strength"])
+        r_ref, y_ref = reference.add_edit_rms_norm(c["h"], c["idx"], c["table"], c["weight"], 1e-6, c["x"], c["row_strength"])
         assert_bits_equal(r, r_ref)
         torch.testing.assert_close(y, y_ref, **tolerance(dtype))
 

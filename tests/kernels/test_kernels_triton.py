@@ -1,10 +1,10 @@
 """Triton kernels on CPU through the interpreter, against the reference (small odd shapes, fp32 and
 bf16, rows with idx = -1, all-inactive batches), and through the steering hooks and the fused wiring.
 
-Run by ``tests/test_kernels.py::test_triton_kernels_under_the_interpreter`` in a fresh process with
+Run by ``tests/kernels/test_kernels.py::test_triton_kernels_under_the_interpreter`` in a fresh process with
 ``TRITON_INTERPRET=1`` (Triton reads it when the kernels are defined, so it must be set before
 ``repedit`` is first imported); in any other process this module skips. By hand:
-``TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_triton.py``.
+``TRITON_INTERPRET=1 python -m pytest -q tests/kernels/test_kernels_triton.py``.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ def test_the_kernels_run_under_the_interpreter():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("with_scale", [False, True])
-def test_gather_add(dtype, shape, with_scale):
+@pytest.mark.parametrize("with_row_strength", [False, True])
+def test_gather_add(dtype, shape, with_row_strength):
     c = make_case(dtype=dtype, **shape)
-    scale = c["scale"] if with_scale else None
-    got = kernels.gather_add(c["h"], c["idx"], c["table"], scale)
-    want = reference.gather_add(c["h"], c["idx"], c["table"], scale)
+    row_strength = c["row_strength"] if with_row_strength else None
+    got = kernels.gather_add(c["h"], c["idx"], c["table"], row_strength)
+    want = reference.gather_add(c["h"], c["idx"], c["table"], row_strength)
     if dtype == torch.float32:
         assert_bits_equal(got, want)
     else:  # the interpreter truncates fp32 -> bf16 (a GPU rounds to nearest, like torch)
@@ -62,7 +62,7 @@ def test_gather_add(dtype, shape, with_scale):
 def test_project_edit(dtype, shape, subspace):
     c = make_case(dtype=dtype, **shape)
     basis = c["basis"] if subspace else c["direction"]
-    for extras in ((), (c["strength"],), (c["strength"], c["table"], c["scale"])):
+    for extras in ((), (c["strength"],), (c["strength"], c["table"], c["row_strength"])):
         got = kernels.project_edit(c["h"], c["idx"], basis, *extras)
         want = reference.project_edit(c["h"].float(), c["idx"], basis, *extras)  # fp32 truth for both dtypes
         torch.testing.assert_close(got.float(), want, **tolerance(dtype))
@@ -77,8 +77,8 @@ def test_project_edit(dtype, shape, subspace):
 def test_add_edit_rms_norm_against_hf_rms_norm(dtype, shape, with_x):
     c = make_case(dtype=dtype, **shape)
     x = c["x"] if with_x else None
-    r, y = kernels.add_edit_rms_norm(c["h"], c["idx"], c["table"], c["weight"], 1e-6, x, c["scale"])
-    r_ref, y_ref = reference.add_edit_rms_norm(c["h"], c["idx"], c["table"], c["weight"], 1e-6, x, c["scale"])
+    r, y = kernels.add_edit_rms_norm(c["h"], c["idx"], c["table"], c["weight"], 1e-6, x, c["row_strength"])
+    r_ref, y_ref = reference.add_edit_rms_norm(c["h"], c["idx"], c["table"], c["weight"], 1e-6, x, c["row_strength"])
     if dtype == torch.float32:
         assert_bits_equal(r, r_ref)
     torch.testing.assert_close(r, r_ref, **tolerance(dtype))
@@ -92,8 +92,8 @@ def test_all_inactive_batches_are_bit_identical(dtype):
     c = make_case(dtype=dtype, idx=(-1, -1, -1))
     h = c["h"].clone()
     h[0, 0, :4] = -0.0
-    assert_bits_equal(kernels.gather_add(h, c["idx"], c["table"], c["scale"]), h)
-    assert_bits_equal(kernels.project_edit(h, c["idx"], c["basis"], c["strength"], c["table"], c["scale"]), h)
+    assert_bits_equal(kernels.gather_add(h, c["idx"], c["table"], c["row_strength"]), h)
+    assert_bits_equal(kernels.project_edit(h, c["idx"], c["basis"], c["strength"], c["table"], c["row_strength"]), h)
     r, _ = kernels.add_edit_rms_norm(h, c["idx"], c["table"], c["weight"], 1e-6)
     assert_bits_equal(r, h)
 

@@ -149,3 +149,22 @@ def test_unknown_type_gemma2_decomposition_is_right(tokenizer):
                            position="all", progress=False)
     total = acts["resid_pre.1"] + acts["attn_out.1"] + acts["mlp_out.1"]
     torch.testing.assert_close(total, acts["resid_post.1"], atol=1e-4, rtol=0)
+
+
+def test_get_adapter_is_cached_without_keeping_the_model_alive(monkeypatch):
+    import gc
+    import weakref
+
+    from repedit.model import arch
+
+    model = build_tiny_model("llama")
+    first = get_adapter(model)
+    calls = []
+    monkeypatch.setattr(arch, "_find_adapter", lambda *a: calls.append(a) or pytest.fail("layout searched again"))
+    again = get_adapter(model)
+    assert again == first and again.decoder is model.model and calls == []
+    monkeypatch.undo()
+    alive = weakref.ref(model)
+    del model, first, again
+    gc.collect()
+    assert alive() is None  # the cache holds no reference back to the model

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..io import InputError
 from ..model.generation import GenerationSettings
+from ..model.sites import site_layer
 from ..steering.edit import UserEdit
 from .evaluation import _perplexities, generate_with_edits
 from .measures import FluencyRule, repeated_ngram_rate
@@ -90,6 +91,6 @@ def select_strength_by_generation(
     choices = {u: best.get(u, {"strength": 0.0, "gain": 0.0, "kl": 0.0, "fluent": True, "reasons": ["no admissible strength helped"]}) for u in users}
     for user, choice in choices.items():
         sites = edits[user].sites
-        choice["layer"] = int(sites[0].split(".")[-1]) if user in best_edit and len(sites) == 1 else None
+        choice["layer"] = site_layer(sites[0]) if user in best_edit and len(sites) == 1 else None
         choice["sites"] = sites if user in best_edit else []
     return Selection(choices, best_edit, grid, max_kl=None, rule="fluency")

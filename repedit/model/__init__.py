@@ -9,11 +9,11 @@ from .generation import Generated, GenerationSettings, generate_batch, generate_
 from .hooks import StopForward, read_sites, register_site_hook, site_hooks
 from .inputs import Encoded, chunks, context_length, encode, read_inputs_jsonl
 from .loading import CACHE_ENV, DEFAULT_MODEL, cache_dir, default_gguf_path, load_model, load_tokenizer, model_fingerprint
-from .sites import SITE_KINDS, Site, parse_site, parse_sites, site_names
+from .sites import SITE_KINDS, Site, parse_site, parse_sites, site_layer, site_names
 
 __all__ = [
     "CACHE_ENV", "DEFAULT_MODEL", "Encoded", "Generated", "GenerationSettings", "LAYOUTS", "ModelAdapter", "SITE_KINDS", "Site",
     "StopForward", "UnsupportedModelError", "cache_dir", "chunks", "context_length", "default_gguf_path", "encode", "first_tensor",
     "generate_batch", "generate_chat", "get_adapter", "left_pad", "load_model", "load_tokenizer", "model_fingerprint", "parse_site", "parse_sites",
-    "read_inputs_jsonl", "read_sites", "register_site_hook", "render_chat", "site_hooks", "site_names",
+    "read_inputs_jsonl", "read_sites", "register_site_hook", "render_chat", "site_hooks", "site_layer", "site_names",
 ]

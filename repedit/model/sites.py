@@ -23,6 +23,7 @@ accepted by :func:`parse_site` and normalised to the canonical form.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -55,6 +56,16 @@ class Site:
         return self.name
 
 
+def site_layer(name: str) -> int:
+    """The layer of a canonical site name (``"resid_post.12"`` -> 12), for names that were already parsed
+    against a model (stored edits, selections, probe results); raises :class:`~repedit.io.InputError` otherwise."""
+    match = _PATTERN.match(str(name))
+    if not match or match.group(1) not in SITE_KINDS or match.group(2).startswith("-"):
+        raise InputError(f"{name!r} is not a canonical site name '<kind>.<layer>' (kind one of {', '.join(SITE_KINDS)})")
+    return int(match.group(2))
+
+
+@functools.lru_cache(maxsize=4096)  # sites are parsed on every hook registration; Site is frozen, so sharing is safe
 def parse_site(name: str | Site, n_layers: int) -> Site:
     """Parse ``"resid_post.6"`` (or ``"blocks.6.hook_resid_post"``, or ``"resid_post.-1"``) into a :class:`Site`.
 

@@ -23,6 +23,7 @@ import torch
 
 from ..capture.activations import Activations
 from ..io import InputError
+from ..model.sites import site_layer
 from .data import PairData
 from .methods import ProbeMethod, get_method, pair_index
 from .types import POOLED, Direction, Probe, ProbeReport, ProbeRow, Subspace
@@ -280,8 +281,8 @@ def evaluate_site(
 
 def _layer(site: str) -> int:
     try:
-        return int(site.rsplit(".", 1)[1])
-    except (IndexError, ValueError):
+        return site_layer(site)
+    except InputError:  # not a layer site: sorts first
         return -1
 
 

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..io import USER_ID_PATTERN, InputError, check_user_id, read_json, write_json
+from ..model.sites import site_layer
 from ..steering.edit import FORMAT as EDIT_FORMAT
 from ..steering.edit import UserEdit, check_model
 from .compress import (
@@ -332,7 +333,7 @@ class VectorStore:
                     raise InputError(f"user {user!r} has edits outside resid_post sites; update refits resid_post layers only")
             groups: dict[tuple, list[str]] = {}
             for user, edit in current.items():
-                groups.setdefault((edit.method, tuple(int(e.site.split(".")[1]) for e in edit.edits)), []).append(user)
+                groups.setdefault((edit.method, tuple(site_layer(e.site) for e in edit.edits)), []).append(user)
             updated: dict[str, UserEdit] = {}
             for (method, layers), members in groups.items():
                 fresh = fit_user_edits(model, tokenizer, [p for p in pairs if p.user_id in members], method=method, layers=list(layers),

@@ -168,3 +168,13 @@ def test_get_adapter_is_cached_without_keeping_the_model_alive(monkeypatch):
     del model, first, again
     gc.collect()
     assert alive() is None  # the cache holds no reference back to the model
+
+
+def test_site_layer_reads_canonical_names_only():
+    from repedit.model.sites import site_layer
+
+    assert [site_layer(n) for n in ("resid_post.12", "attn_out.0", "mlp_out.29")] == [12, 0, 29]
+    for bad in ("resid_post.-1", "blocks.3.hook_resid_post", "pooled", "foo.3"):
+        with pytest.raises(repedit.InputError, match="not a canonical site name"):
+            site_layer(bad)
+    assert repedit.parse_site("resid_post.-1", 4) is repedit.parse_site("resid_post.-1", 4)  # parsed once, then cached

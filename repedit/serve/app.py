@@ -81,6 +81,72 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+class _RequestChecks:
+    """What every request goes through before it reaches the engine: authentication, the body size limit,
+    the user's edit, and the prompt against the model's context. Each failure is an :class:`APIError`."""
+
+    def __init__(self, model, tokenizer, store: VectorStore | None, config: ServerConfig) -> None:
+        self.model, self.tokenizer, self.store, self.config = model, tokenizer, store, config
+        self.context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+    def authorize(self, request) -> frozenset[str] | None:
+        """The users the request's token may steer as (``None`` = all); 401 for a missing or wrong token."""
+        if self.config.tokens is None:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "missing bearer token: send 'Authorization: Bearer <token>'", type="authentication_error", code="invalid_api_key")
+        found, allowed = False, None
+        for known, users in self.config.tokens.items():  # compare with every token in constant time
+            if hmac.compare_digest(known.encode(), token.strip().encode()):
+                found, allowed = True, users
+        if not found:
+            raise APIError(401, "invalid bearer token", type="authentication_error", code="invalid_api_key")
+        return allowed
+
+    async def read_body(self, request) -> Any:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.config.limits.max_body_bytes:
+            raise APIError(413, f"request body is {declared} bytes; the limit is {self.config.limits.max_body_bytes}", code="request_too_large")
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > self.config.limits.max_body_bytes:
+                raise APIError(413, f"request body exceeds the limit of {self.config.limits.max_body_bytes} bytes", code="request_too_large")
+            parts.append(part)
+        try:
+            return json.loads(b"".join(parts))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
+
+    def resolve_edit(self, chat: ChatRequest, allowed: frozenset[str] | None):
+        """The user's edit, ``None`` for unsteered; 403 / 404 / 500 as documented."""
+        if chat.user is None:
+            return None
+        if allowed is not None and chat.user not in allowed:
+            raise APIError(403, f"this token may not steer as user {chat.user!r}", type="permission_error", code="user_not_allowed", param="user")
+        try:
+            if self.store is None:
+                raise UnknownUserError(f"this server has no vector store, so no edit for user {chat.user!r}")
+            return self.store.get(chat.user, self.model)
+        except UnknownUserError as err:
+            if chat.unknown_user == "unsteered":
+                return None
+            raise APIError(404, f"{err}; send \"unknown_user\": \"unsteered\" to answer unsteered instead", type="not_found_error", code="user_not_found", param="user") from None
+        except InputError as err:
+            raise APIError(500, f"the stored edit for user {chat.user!r} cannot be used with this model: {err}", type="server_error", code="edit_unusable") from None
+
+    def prompt_ids(self, chat: ChatRequest) -> list[int]:
+        try:
+            ids = render_chat(self.tokenizer, chat.messages)
+        except Exception as err:  # e.g. a chat template that requires alternating roles
+            raise APIError(400, f"the messages cannot be rendered with the model's chat template: {err}", param="messages") from None
+        if self.context and len(ids) + chat.max_tokens > self.context:
+            raise APIError(400, f"this model's context is {self.context} tokens; the messages use {len(ids)} and max_tokens asks for {chat.max_tokens}",
+                           param="messages", code="context_length_exceeded")
+        return ids
+
+
 def create_app(model, tokenizer, store: VectorStore | str | Path | None, config: ServerConfig, engine: Engine | None = None):
     """Build the FastAPI app. The engine (created from ``config`` unless given) starts and stops with
     the app's lifespan; it owns ``model`` while the app runs."""
@@ -93,8 +159,7 @@ def create_app(model, tokenizer, store: VectorStore | str | Path | None, config:
         store = VectorStore(store)
     engine = engine or Engine(model, tokenizer, max_batch_size=config.max_batch_size, batch_window=config.batch_window)
     fingerprint = model_fingerprint(model)
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    limits = config.limits
+    checks = _RequestChecks(model, tokenizer, store, config)
 
     @asynccontextmanager
     async def lifespan(app) -> AsyncIterator[None]:
@@ -122,63 +187,6 @@ def create_app(model, tokenizer, store: VectorStore | str | Path | None, config:
         log.exception("unhandled error")
         return JSONResponse(APIError(500, f"internal error: {type(err).__name__}", type="server_error").body(), status_code=500)
 
-    def authorize(request: Request) -> frozenset[str] | None:
-        """The users the request's token may steer as (``None`` = all); 401 for a missing or wrong token."""
-        if config.tokens is None:
-            return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise APIError(401, "missing bearer token: send 'Authorization: Bearer <token>'", type="authentication_error", code="invalid_api_key")
-        found, allowed = False, None
-        for known, users in config.tokens.items():  # compare with every token in constant time
-            if hmac.compare_digest(known.encode(), token.strip().encode()):
-                found, allowed = True, users
-        if not found:
-            raise APIError(401, "invalid bearer token", type="authentication_error", code="invalid_api_key")
-        return allowed
-
-    async def read_body(request: Request) -> Any:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise APIError(413, f"request body is {declared} bytes; the limit is {limits.max_body_bytes}", code="request_too_large")
-        parts, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > limits.max_body_bytes:
-                raise APIError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes", code="request_too_large")
-            parts.append(part)
-        try:
-            return json.loads(b"".join(parts))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
-
-    def resolve_edit(chat: ChatRequest, allowed: frozenset[str] | None):
-        """The user's edit, ``None`` for unsteered; 403 / 404 / 500 as documented."""
-        if chat.user is None:
-            return None
-        if allowed is not None and chat.user not in allowed:
-            raise APIError(403, f"this token may not steer as user {chat.user!r}", type="permission_error", code="user_not_allowed", param="user")
-        try:
-            if store is None:
-                raise UnknownUserError(f"this server has no vector store, so no edit for user {chat.user!r}")
-            return store.get(chat.user, model)
-        except UnknownUserError as err:
-            if chat.unknown_user == "unsteered":
-                return None
-            raise APIError(404, f"{err}; send \"unknown_user\": \"unsteered\" to answer unsteered instead", type="not_found_error", code="user_not_found", param="user") from None
-        except InputError as err:
-            raise APIError(500, f"the stored edit for user {chat.user!r} cannot be used with this model: {err}", type="server_error", code="edit_unusable") from None
-
-    def prompt_ids(chat: ChatRequest) -> list[int]:
-        try:
-            ids = render_chat(tokenizer, chat.messages)
-        except Exception as err:  # e.g. a chat template that requires alternating roles
-            raise APIError(400, f"the messages cannot be rendered with the model's chat template: {err}", param="messages") from None
-        if context and len(ids) + chat.max_tokens > context:
-            raise APIError(400, f"this model's context is {context} tokens; the messages use {len(ids)} and max_tokens asks for {chat.max_tokens}",
-                           param="messages", code="context_length_exceeded")
-        return ids
-
     @app.get("/health")
     async def health():
         ok = engine.alive
@@ -190,24 +198,24 @@ def create_app(model, tokenizer, store: VectorStore | str | Path | None, config:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        authorize(request)
+        checks.authorize(request)
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def one_model(model_id: str, request: Request):
-        authorize(request)
+        checks.authorize(request)
         if model_id != config.model_name:
             raise APIError(404, f"model {model_id!r} not found; this server serves {config.model_name!r}", type="not_found_error", code="model_not_found")
         return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        allowed = authorize(request)
-        chat = parse_chat_request(await read_body(request), limits, request.headers.get(USER_HEADER))
+        allowed = checks.authorize(request)
+        chat = parse_chat_request(await checks.read_body(request), config.limits, request.headers.get(USER_HEADER))
         if chat.model != config.model_name:
             raise APIError(404, f"model {chat.model!r} not found; this server serves {config.model_name!r}", type="not_found_error", code="model_not_found", param="model")
-        edit = await run_in_threadpool(resolve_edit, chat, allowed)
-        ids = prompt_ids(chat)
+        edit = await run_in_threadpool(checks.resolve_edit, chat, allowed)
+        ids = checks.prompt_ids(chat)
         params = SamplingParams(chat.max_tokens, chat.temperature, chat.top_p, chat.seed, chat.repetition_penalty)
         channel = _Channel(asyncio.get_running_loop())
         job = GenerationRequest(ids, edit, params, channel)

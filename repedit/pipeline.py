@@ -36,9 +36,6 @@ from .model.loading import DEFAULT_MODEL, load_model
 from .pairs.synthesis import generate, read_pairs
 from .pairs.users import demo_prompts, demo_users, split_history
 from .probes import ProbeReport, capture_pairs, probe_sites
-from .report.demo_report import write_demo_report
-from .report.eval_report import write_eval_report
-from .report.probe_report import write_report
 from .steering import UserEdit
 from .store.vectors import VectorStore, save_edits
 
@@ -92,6 +89,11 @@ class _Stages:
 
 def run_demo(model_spec: str = DEFAULT_MODEL, out_dir: str | Path = "runs/demo", settings: DemoSettings = DemoSettings()) -> Path:
     """Run the whole pipeline (module docstring) and return the path of ``report.html``."""
+    # The report stage (plotly) is imported here, not at module level, so that `repedit --help` stays light.
+    from .report.demo_report import write_demo_report
+    from .report.eval_report import write_eval_report
+    from .report.probe_report import write_report
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = _Stages(out_dir, {"model": model_spec, **asdict(settings)})

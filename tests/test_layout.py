@@ -85,3 +85,11 @@ def test_the_report_stage_is_the_only_one_importing_plotly():
             for n in ast.walk(ast.parse(path.read_text())))
     )
     assert users == []
+
+
+def test_the_command_line_parser_loads_no_plotting_or_fitting_libraries():
+    """`repedit --help` builds every command's parser: it must not import the report stage or scikit-learn."""
+    code = ("import sys; from repedit.cli.main import build_parser; build_parser(); "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & {'plotly', 'sklearn', 'scipy', 'pandas'})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == ""

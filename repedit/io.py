@@ -109,13 +109,17 @@ def sha256_of(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
-USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Matched with fullmatch: "$" would also accept a trailing newline ("alice\n").
+USER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def check_user_id(user_id: str) -> str:
     """Return ``user_id`` if it can be a file name in a store (no separators, no traversal), else raise."""
-    if not isinstance(user_id, str) or not USER_ID_PATTERN.match(user_id) or user_id in (".", ".."):
-        raise InputError(f"user id {user_id!r} is not valid: use 1-128 letters, digits, '_', '.', '-', starting with a letter or digit")
+    shown = repr(user_id if not isinstance(user_id, str) or len(user_id) <= 64 else user_id[:64] + "...")  # error messages stay short
+    if isinstance(user_id, str) and (control := next((c for c in user_id if c.isspace() or not c.isprintable()), None)) is not None:
+        raise InputError(f"user id {shown} is not valid: it contains the control or space character U+{ord(control):04X}")
+    if not isinstance(user_id, str) or not USER_ID_PATTERN.fullmatch(user_id) or user_id in (".", ".."):
+        raise InputError(f"user id {shown} is not valid: use 1-128 letters, digits, '_', '.', '-', starting with a letter or digit")
     if user_id.endswith((".json", ".safetensors")):  # an edit's files are <id>.json + <id>.safetensors
-        raise InputError(f"user id {user_id!r} is not valid: it cannot end in .json or .safetensors")
+        raise InputError(f"user id {shown} is not valid: it cannot end in .json or .safetensors")
     return user_id

@@ -32,8 +32,8 @@ from ..io import InputError
 
 SITE_KINDS: tuple[str, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 
-_TL_PATTERN = re.compile(r"^blocks\.(-?\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
-_PATTERN = re.compile(r"^([a-z_]+)\.(-?\d+)$")
+_TL_PATTERN = re.compile(r"blocks\.(-?\d+)\.hook_(resid_pre|resid_post|attn_out|mlp_out)")
+_PATTERN = re.compile(r"([a-z_]+)\.(-?\d+)")
 
 
 @dataclass(frozen=True, order=True)
@@ -59,7 +59,7 @@ class Site:
 def site_layer(name: str) -> int:
     """The layer of a canonical site name (``"resid_post.12"`` -> 12), for names that were already parsed
     against a model (stored edits, selections, probe results); raises :class:`~repedit.io.InputError` otherwise."""
-    match = _PATTERN.match(str(name))
+    match = _PATTERN.fullmatch(str(name))
     if not match or match.group(1) not in SITE_KINDS or match.group(2).startswith("-"):
         raise InputError(f"{name!r} is not a canonical site name '<kind>.<layer>' (kind one of {', '.join(SITE_KINDS)})")
     return int(match.group(2))
@@ -76,11 +76,11 @@ def parse_site(name: str | Site, n_layers: int) -> Site:
         kind, layer = name.kind, name.layer
     else:
         text = str(name).strip()
-        match = _TL_PATTERN.match(text)
+        match = _TL_PATTERN.fullmatch(text)
         if match:
             layer, kind = int(match.group(1)), match.group(2)
         else:
-            match = _PATTERN.match(text)
+            match = _PATTERN.fullmatch(text)
             if not match:
                 raise InputError(
                     f"unknown site {text!r}: expected '<kind>.<layer>' with kind one of {', '.join(SITE_KINDS)} "

@@ -27,7 +27,7 @@ from ..model.generation import render_chat
 from ..model.loading import model_fingerprint
 from ..store.vectors import UnknownUserError, VectorStore
 from .engine import Done, Engine, EngineClosed, Event, Failed, GenerationRequest, Overloaded, SamplingParams, Tokens
-from .protocol import APIError, ChatRequest, Limits, chunk, completion, parse_chat_request, usage
+from .protocol import APIError, ChatRequest, Limits, chunk, completion, decode_json_body, parse_chat_request, usage
 from .text import TextAssembler
 
 log = logging.getLogger("repedit.serve")
@@ -114,10 +114,7 @@ class _RequestChecks:
             if size > self.config.limits.max_body_bytes:
                 raise APIError(413, f"request body exceeds the limit of {self.config.limits.max_body_bytes} bytes", code="request_too_large")
             parts.append(part)
-        try:
-            return json.loads(b"".join(parts))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
+        return decode_json_body(b"".join(parts), self.config.limits)
 
     def resolve_edit(self, chat: ChatRequest, allowed: frozenset[str] | None):
         """The user's edit, ``None`` for unsteered; 403 / 404 / 500 as documented."""

@@ -41,7 +41,7 @@ log = logging.getLogger("repedit.serve")
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request decodes. ``temperature`` 0 is greedy (argmax, as offline generation);
+    """How one request decodes. ``temperature`` 0 (or below 1e-5) is greedy (argmax, as offline generation);
     otherwise tokens are sampled from ``softmax(logits / temperature)`` restricted to the nucleus
     ``top_p``, with a generator of the request's own (``seed``: repeatable whatever else is in the
     batch). ``repetition_penalty`` is Hugging Face's (divides positive logits of tokens already in
@@ -52,6 +52,11 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        """Temperatures below 1e-5 decode greedily, as in vLLM: dividing float32 logits by less is 0/0 or inf."""
+        return self.temperature < 1e-5
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -311,7 +316,14 @@ class Engine:
         self.counts["prefill_rows"] += len(rows)
         if self._continuous is None:
             self._continuous = can_merge(cache)
-        tokens = self._choose(rows, logits)
+        try:
+            tokens = self._choose(rows, logits)
+        except Exception as err:  # these rows are in no batch yet: the loop's last resort would not reach them
+            log.exception("choosing the first tokens failed")
+            for row in rows:
+                if not row.finished:
+                    row.emit(Failed(f"generation failed: {type(err).__name__}: {err}"))
+            return
         keep = [i for i, row in enumerate(rows) if not row.finished]
         if not keep:
             return
@@ -377,7 +389,7 @@ class Engine:
         chosen = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
             params = row.request.params
-            if params.temperature > 0 and finite[i]:
+            if not params.greedy and finite[i]:
                 chosen[i] = _sample(logits[i], params, row.generator)
         tokens = chosen.tolist()
         for i, row in enumerate(rows):
@@ -412,7 +424,7 @@ class Engine:
 
 
 def _generator(params: SamplingParams) -> torch.Generator | None:
-    if params.temperature <= 0:
+    if params.greedy:
         return None
     generator = torch.Generator()
     if params.seed is None:
@@ -430,7 +442,10 @@ def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
 
 def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token from ``softmax(logits / temperature)`` within the ``top_p`` nucleus (CPU generator)."""
-    probs = torch.softmax(logits.cpu() / params.temperature, dim=-1)
+    # The max is subtracted before dividing: logits / 1e-300 overflows to inf (and softmax to NaN), whereas
+    # (logits - max) / 1e-300 is 0 for the argmax and -inf elsewhere — the greedy limit.
+    logits = logits.cpu()
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest set reaching top_p

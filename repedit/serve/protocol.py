@@ -6,6 +6,8 @@ the field, returned in OpenAI's error shape ``{"error": {"message", "type", "par
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,10 +49,14 @@ class Limits:
     ``max_body_bytes``: request body size (413 beyond it); ``max_tokens``: the most tokens one request
     may ask for; ``default_max_tokens``: used when the request gives none; ``max_messages``: messages
     per request; ``max_stop``: stop strings per request; ``default_temperature``: used when the
-    request gives none (0 = greedy, repedit's offline default; OpenAI's own default is 1).
+    request gives none (0 = greedy, repedit's offline default; OpenAI's own default is 1);
+    ``max_json_depth``: nesting of arrays/objects in the body (a chat request needs 4);
+    ``max_number_chars``: characters of one number literal in the body (a 64-bit seed has 20).
     """
 
     max_body_bytes: int = 1 << 20
+    max_json_depth: int = 32
+    max_number_chars: int = 64
     max_tokens: int = 1024
     default_max_tokens: int = 256
     max_messages: int = 256
@@ -58,7 +64,7 @@ class Limits:
     default_temperature: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.max_body_bytes < 1 or self.max_tokens < 1 or self.max_messages < 1:
+        if min(self.max_body_bytes, self.max_tokens, self.max_messages, self.max_json_depth, self.max_number_chars) < 1:
             raise InputError("server limits must be positive")
         if not 1 <= self.default_max_tokens <= self.max_tokens:
             raise InputError(f"default max_tokens {self.default_max_tokens} must be in [1, {self.max_tokens}]")
@@ -82,6 +88,43 @@ class ChatRequest:
     user: str | None
     unknown_user: str
     repetition_penalty: float
+
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal (escapes included)
+_BRACKETS = bytes.maketrans(b"", b"")
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+
+
+def decode_json_body(raw: bytes, limits: Limits) -> Any:
+    """Decode a request body, refusing with a 400 what would otherwise exhaust the decoder: nesting deeper
+    than ``limits.max_json_depth`` (Python's decoder recurses, so a 100k-deep array raises RecursionError)
+    and number literals longer than ``limits.max_number_chars`` (ints beyond 4300 digits raise ValueError;
+    shorter huge ones cost quadratic time to convert). NaN and Infinity, which JSON does not have, are refused too."""
+    # Depth is measured on the brackets outside strings, before decoding.
+    depth = deepest = 0
+    for byte in _STRING.sub(b"", raw).translate(_BRACKETS, _NOT_BRACKETS):
+        depth += 1 if byte in (0x5B, 0x7B) else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limits.max_json_depth:
+                raise _bad(f"the request body nests arrays/objects deeper than {limits.max_json_depth} levels", None, "invalid_json")
+
+    def number(kind):
+        def parse(text: str):
+            if len(text) > limits.max_number_chars:
+                raise _bad(f"the request body has a number of {len(text)} characters; at most {limits.max_number_chars} are allowed", None, "invalid_json")
+            return kind(text)
+        return parse
+
+    def constant(name: str):
+        raise _bad(f"the request body is not valid JSON: {name} is not a JSON number", None, "invalid_json")
+
+    try:
+        return json.loads(raw, parse_int=number(int), parse_float=number(float), parse_constant=constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _bad(f"the request body is not valid JSON: {err}", None, "invalid_json") from None
+    except RecursionError:  # cannot happen below max_json_depth; kept so that no body can give a 500
+        raise _bad("the request body nests too deeply", None, "invalid_json") from None
 
 
 def _bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:

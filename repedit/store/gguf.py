@@ -55,7 +55,7 @@ from ..model.sites import parse_site
 from ..steering.edit import SiteEdit, UserEdit, check_model
 
 ARCH = "controlvector"
-_DIRECTION = re.compile(r"^direction\.(\d+)$")
+_DIRECTION = re.compile(r"direction\.(\d+)")
 _FLOAT_TYPES = {"F32", "F16", "F64"}
 
 
@@ -185,7 +185,7 @@ def read_gguf_directions(path: str | Path) -> tuple[dict[int, torch.Tensor], dic
         raise InputError(f"{path}: general.architecture is {arch!r}, not {ARCH!r}: not a control-vector file")
     directions: dict[int, torch.Tensor] = {}
     for tensor in reader.tensors:
-        match = _DIRECTION.match(tensor.name)
+        match = _DIRECTION.fullmatch(tensor.name)
         if not match:
             raise InputError(f"{path}: tensor {tensor.name!r} is not 'direction.N' (llama.cpp refuses such files)")
         type_name = gguf.GGMLQuantizationType(int(tensor.tensor_type)).name

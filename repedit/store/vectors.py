@@ -73,7 +73,7 @@ from .compress import (
 INDEX_FORMAT = "repedit.edits_index"
 INDEX_VERSION = 2
 RUNNING_MEAN_METHODS = ("caa", "stylevector")
-_VERSIONED = re.compile(r"^(?:" + USER_ID_PATTERN.pattern[1:-1] + r"|_basis)@\d+$")
+_VERSIONED = re.compile(r"(?:" + USER_ID_PATTERN.pattern + r"|_basis)@\d+")
 _SUFFIXES = (".json", ".safetensors")
 _READ_RETRIES = 8
 
@@ -261,7 +261,7 @@ class VectorStore:
         for path in self.directory.iterdir():
             name = path.name
             base = name[: -len(suffix)] if (suffix := next((s for s in _SUFFIXES if name.endswith(s)), "")) else None
-            if base is not None and base not in keep and (base in stale or _VERSIONED.match(base)):
+            if base is not None and base not in keep and (base in stale or _VERSIONED.fullmatch(base)):
                 path.unlink(missing_ok=True)
             elif name.startswith(".") and name.endswith(".tmp") and ("@" in name or name.startswith(".index.json.")):
                 path.unlink(missing_ok=True)  # temporary file of a write that crashed before its rename

@@ -291,6 +291,103 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, payload
         assert c.post("/v1/chat/completions", json=body("Hi", "alice", 2)).status_code == 200
 
 
+def _fuzz_bodies(count: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    """Deterministic malformed request bodies: a valid request with one field replaced by a hostile value,
+    plus raw bodies that are not (or barely) JSON. Each comes with a label for the failure message."""
+    import random
+    rng = random.Random(seed)
+    fields = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stream", "stream_options",
+              "stop", "user", "repetition_penalty", "unknown_user", "response_format", "n", "logit_bias", "tools", "metadata", "\u202eresu", "x" * 300]
+    odd_text = ["alice\n", "alice\r\n", "\talice", "al\x00ice", "alice\u2028", "\uff41lice", "alice ", "\u200balice", "\ud800", "\udfff\ud800",
+                "\U0001F600" * 50, "\u202egnp.exe", "a" * 129, "", " ", "\x1b[31mred", "caf\u00e9", "\ufeff", "\ue000"]
+
+    def hostile() -> object:
+        kind = rng.randrange(9)
+        if kind == 0:
+            depth = rng.choice([33, 1000, 9_000, 50_000])
+            return json.loads("[" * 30 + "]" * 30) if depth < 33 else {"__deep__": depth}
+        if kind == 1:
+            return {"__digits__": rng.choice([20, 21, 65, 400, 5000])}  # written as 9...9 by encode()
+        if kind == 2:
+            return {"__digits__": -rng.choice([20, 65, 4400])}
+        if kind == 3:
+            return rng.choice([1e308, -1e308, 5e-324, -0.0, 0.5, 2.0000001, 1.7976931348623157e308])
+        if kind == 4:
+            return rng.choice(odd_text)
+        if kind == 5:
+            return rng.choice([None, True, False, [], {}, [None], {"type": "text"}, [{"role": "user"}], [[["x"]]]])
+        if kind == 6:
+            return [{"role": rng.choice(["user", "system", "tool", "\n"]), "content": rng.choice(odd_text + [None, 7, [{"type": "text", "text": "\ud800"}]])}]
+        if kind == 7:
+            return "x" * rng.choice([1, 5000, 15_000])
+        return {"type": rng.choice(["text", "json_object", "\x00"]), "extra": rng.choice(odd_text)}
+
+    def encode(value: object) -> bytes:
+        """JSON text of ``value``, with markers written out: json.dumps would recurse through deep nesting,
+        and Python refuses to build ints of more than 4300 digits."""
+        text = json.dumps(value)  # ensure_ascii: lone surrogates travel as \ud800 escapes
+        for marker, expand in (('{"__deep__": ', lambda n: "[" * n + "]" * n), ('{"__digits__": ', lambda n: "-" * (n < 0) + "9" * abs(n))):
+            while marker in text:
+                start = text.index(marker)
+                end = text.index("}", start)
+                text = text[:start] + expand(int(text[start + len(marker):end])) + text[end + 1:]
+        return text.encode()
+
+    out = []
+    for i in range(count):
+        base = body("Hi", rng.choice([None, "alice"]), 2)
+        if i % 5 == 4:  # raw bodies
+            raw = rng.choice([
+                b"[" * 9_000 + b"]" * 9_000, b'{"model": "tiny", "seed": ' + b"7" * 5000 + b"}", b'{"temperature": NaN}', b'{"top_p": Infinity}',
+                b'{"model": "tiny"', b"\xff\xfe{\x00}\x00", b"\xef\xbb\xbf{}", b'{"model": "\xc3\x28"}', b"null", b'"string"', b"1e999",
+                b'{"model": "tiny", "model": 5}', json.dumps(base).encode("utf-16"), b'{"a": "' + b"\\u0000" * 1000 + b'"}',
+                b'{"messages": [' + b'{"role": "user", "content": "x"},' * 300 + b'{}]}',
+            ])
+            out.append((f"raw {raw[:40]!r}", raw))
+            continue
+        field = rng.choice(fields)
+        base[field] = hostile()
+        out.append((f"{field}={str(base[field])[:40]!r}", encode(base)))
+    return out
+
+
+def test_fuzzed_request_bodies_never_get_a_500(server):
+    """~200 hostile bodies (deep nesting, huge numbers, odd unicode, control characters in ids): every
+    answer is a 2xx or a 4xx in OpenAI's error shape, and the server keeps serving correct answers."""
+    bodies = _fuzz_bodies(200)
+    statuses: dict[int, int] = {}
+    with client(server) as c:
+        for label, raw in bodies:
+            response = c.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            assert response.status_code < 500, f"{label}: {response.status_code} {response.text[:300]}"
+            if response.status_code >= 400:
+                assert response.json()["error"]["message"], label
+        assert c.post("/v1/chat/completions", json=body("Hi", "alice", 2)).status_code == 200
+    assert statuses.get(200, 0) > 0 and sum(n for s, n in statuses.items() if s >= 400) > 100, statuses  # the fuzz reached both sides
+
+
+@pytest.mark.parametrize("user", ["alice\n", "alice\r", "\talice", "al\x00ice", "alice\u2028", "alice\u0085", "\u200balice"])
+def test_user_id_with_control_or_space_characters_is_a_400_naming_the_field(server, user):
+    with client(server) as c:
+        response = c.post("/v1/chat/completions", json=body("Hi", user, 2))
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "user" and "U+" in error["message"], response.text
+
+
+@pytest.mark.parametrize("raw, needle", [
+    # 9,000 levels fit the test server's 20 kB body limit and are 9x Python's recursion limit
+    (b"[" * 9_000 + b"]" * 9_000, "deeper than 32"),
+    (b'{"model": "tiny", "messages": ' + b"[" * 9_000 + b"]" * 9_000 + b"}", "deeper than 32"),
+    (b'{"model": "tiny", "seed": ' + b"9" * 5000 + b"}", "number of 5000 characters"),
+    (b'{"model": "tiny", "temperature": NaN}', "NaN"),
+])
+def test_bodies_that_would_exhaust_the_json_decoder_are_400(server, raw, needle):
+    with client(server) as c:
+        response = c.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and needle in response.json()["error"]["message"], response.text[:300]
+
+
 def test_body_size_bad_json_and_unknown_routes(server):
     with client(server) as c:
         big = body("x" * 30_000, "alice")

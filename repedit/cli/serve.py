@@ -11,10 +11,15 @@ def _serve(args: argparse.Namespace) -> None:
     from ..serve.app import run_server
     from ..serve.protocol import Limits
 
+    from ..io import InputError
+
+    if args.prefill_chunk < 0 or not 0.0 < args.long_prefill_share <= 1.0:  # before the model loads
+        raise InputError(f"--prefill-chunk must be >= 0 (got {args.prefill_chunk}) and --long-prefill-share in (0, 1] (got {args.long_prefill_share})")
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                     default_temperature=args.default_temperature)
     run_server(args.model, args.store, host=args.host, port=args.port, tokens=args.tokens, served_name=args.served_name, limits=limits,
-               max_batch_size=args.max_batch_size, batch_window=args.batch_window_ms / 1000, log_level=args.log_level)
+               max_batch_size=args.max_batch_size, batch_window=args.batch_window_ms / 1000,
+               prefill_chunk=args.prefill_chunk or None, long_prefill_share=args.long_prefill_share, log_level=args.log_level)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -27,6 +32,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--served-name", default=None, help="model id clients send (default: --model)")
     serve.add_argument("--max-batch-size", type=int, default=64, help="most requests decoded together")
     serve.add_argument("--batch-window-ms", type=float, default=5.0, help="how long an idle server waits to batch requests arriving together")
+    serve.add_argument("--prefill-chunk", type=int, default=128, help="prompts longer than this many tokens are prefilled in chunks between decode steps (0 = never)")
+    serve.add_argument("--long-prefill-share", type=float, default=0.25,
+                       help="most of the engine's time that chunks of long prompts take while other requests decode, in (0, 1]")
     serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     serve.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     serve.add_argument("--default-temperature", type=float, default=0.0, help="temperature when a request gives none (0 = greedy)")

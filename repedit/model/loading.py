@@ -108,6 +108,25 @@ def load_tokenizer(spec: str | os.PathLike = DEFAULT_MODEL):
     return _with_pad_token(AutoTokenizer.from_pretrained(gguf[0].parent, gguf_file=gguf[0].name))
 
 
+def model_folder(spec: str | os.PathLike = DEFAULT_MODEL) -> Path | str:
+    """A Hugging Face folder (or hub id) holding model ``spec`` as safetensors, for engines that read such
+    folders (vLLM): the default model and ``.gguf`` files are dequantised once into repedit's cache
+    (as :func:`load_model` does) and that folder is returned; a folder or hub id is returned as given."""
+    text = str(spec)
+    gguf = _gguf_path(text)
+    if gguf is None:
+        path = Path(text).expanduser()
+        if text.startswith((".", "/", "~")) and not path.exists():
+            raise InputError(f"model folder not found: {path}")
+        return path if path.exists() else text
+    folder = _cache_folder(*gguf)
+    if not (folder / "repedit-cache.json").exists():
+        _load_gguf_cached(*gguf, use_cache=True)
+        if not (folder / "repedit-cache.json").exists():
+            raise InputError(f"could not write the safetensors cache of {gguf[0]} to {folder} (is {cache_dir()} writable?)")
+    return folder
+
+
 def _load_gguf_cached(gguf_path: Path, name: str, use_cache: bool) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -37,13 +37,17 @@ USER_HEADER = "x-repedit-user"
 @dataclass(frozen=True)
 class ServerConfig:
     """How the server behaves. ``tokens``: bearer token -> allowed user ids (``None`` = every user);
-    ``tokens=None`` turns authentication off. ``model_name``: the id clients send as ``model``."""
+    ``tokens=None`` turns authentication off. ``model_name``: the id clients send as ``model``.
+    ``max_batch_size``, ``batch_window``, ``prefill_chunk``, ``long_prefill_share``: the engine's
+    (see :class:`~repedit.serve.engine.Engine`)."""
 
     model_name: str
     limits: Limits = field(default_factory=Limits)
     tokens: dict[str, frozenset[str] | None] | None = None
     max_batch_size: int = 64
     batch_window: float = 0.005
+    prefill_chunk: int | None = 128
+    long_prefill_share: float = 0.25
 
 
 def read_tokens(path: str | Path) -> dict[str, frozenset[str] | None]:
@@ -154,7 +158,8 @@ def create_app(model, tokenizer, store: VectorStore | str | Path | None, config:
 
     if store is not None and not isinstance(store, VectorStore):
         store = VectorStore(store)
-    engine = engine or Engine(model, tokenizer, max_batch_size=config.max_batch_size, batch_window=config.batch_window)
+    engine = engine or Engine(model, tokenizer, max_batch_size=config.max_batch_size, batch_window=config.batch_window,
+                              prefill_chunk=config.prefill_chunk, long_prefill_share=config.long_prefill_share)
     fingerprint = model_fingerprint(model)
     checks = _RequestChecks(model, tokenizer, store, config)
 
@@ -331,7 +336,7 @@ class BackgroundServer:
 
 def run_server(model_name: str, store: str | Path | None, *, host: str = "127.0.0.1", port: int = 8000, tokens: str | Path | None = None,
                served_name: str | None = None, limits: Limits = Limits(), max_batch_size: int = 64, batch_window: float = 0.005,
-               log_level: str = "info") -> None:
+               prefill_chunk: int | None = 128, long_prefill_share: float = 0.25, log_level: str = "info") -> None:
     """Load the model, open the store and serve until interrupted (``repedit serve``)."""
     import uvicorn
 
@@ -340,7 +345,7 @@ def run_server(model_name: str, store: str | Path | None, *, host: str = "127.0.
     token_map = read_tokens(tokens) if tokens is not None else None
     vector_store = VectorStore(store) if store is not None else None  # fail on a bad store before loading the model
     model, tokenizer = load_model(model_name)
-    config = ServerConfig(served_name or model_name, limits, token_map, max_batch_size, batch_window)
+    config = ServerConfig(served_name or model_name, limits, token_map, max_batch_size, batch_window, prefill_chunk, long_prefill_share)
     app = create_app(model, tokenizer, vector_store, config)
     users = len(vector_store.list_users()) if vector_store is not None else 0
     print(f"serving {config.model_name} ({model_fingerprint(model)}) with {users} user edits on http://{host}:{port}/v1 "

@@ -13,6 +13,12 @@ the attention mask, logits of the last token only), the same per-step inputs, an
 masked out; rows of a batch never see each other (equal up to float rounding, as any batching).
 Sliding-window caches cannot be merged: for such models new requests wait for the running batch.
 
+A prompt longer than ``prefill_chunk`` tokens is prefilled in chunks of that many tokens, in its own KV
+cache, between decode steps of the running batch, and joins the batch when its last chunk is done. So
+that a long prompt cannot stall short requests, chunks get at most ``long_prefill_share`` of the
+worker's time while other rows are decoding (all of it when none are); short prompts are prefilled
+at once, ahead of the long prompt's remaining chunks.
+
 Failures stay local: a prefill that raises is retried one request at a time, so only the request
 that breaks it fails; a decode step that raises fails the rows running in it; a row whose logits
 are not finite fails alone; the worker keeps running. The engine must be the only user of the model
@@ -122,6 +128,15 @@ class GenerationRequest:
 
 
 @dataclass(eq=False)
+class _Prefill:
+    """A long prompt being prefilled chunk by chunk: its row, its own KV cache, and tokens done so far."""
+
+    row: "_Row"
+    cache: Any
+    done: int = 0
+
+
+@dataclass(eq=False)
 class _Row:
     request: GenerationRequest
     counts: dict[str, int]  # the engine's counters
@@ -146,13 +161,26 @@ class Engine:
         max_batch_size: most rows decoded together.
         batch_window: seconds an idle worker waits after the first request for more to arrive.
         max_queue: most requests waiting; beyond it :meth:`submit` raises :class:`Overloaded`.
+        prefill_chunk: prompts longer than this many tokens are prefilled in chunks of this size
+            (``None``: every prompt in one forward). Models whose KV caches cannot be merged
+            (sliding-window layers) always prefill whole prompts.
+        long_prefill_share: the most of the worker's time that chunks take while other rows decode,
+            in (0, 1]: short requests then run at least ``1 - long_prefill_share`` of their solo speed.
     """
 
-    def __init__(self, model, tokenizer, *, max_batch_size: int = 64, batch_window: float = 0.005, max_queue: int = 4096) -> None:
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 64, batch_window: float = 0.005, max_queue: int = 4096,
+                 prefill_chunk: int | None = 128, long_prefill_share: float = 0.25) -> None:
         if max_batch_size < 1:
             raise InputError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise InputError(f"prefill_chunk must be at least 1 token (or None), got {prefill_chunk}")
+        if not 0.0 < long_prefill_share <= 1.0:
+            raise InputError(f"long_prefill_share must be in (0, 1], got {long_prefill_share}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.batch_window = max_batch_size, batch_window
+        self.prefill_chunk, self.long_prefill_share = prefill_chunk, long_prefill_share
+        self._prefilling: list[_Prefill] = []  # long prompts, first in first out
+        self._chunk_debt = 0.0  # seconds of decoding owed before the next chunk may run (see _loop)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = frozenset(_stop_ids(tokenizer, model))
         self.device = next(model.parameters()).device
@@ -172,8 +200,8 @@ class Engine:
         # Counters for /health, tests and benchmarks: decode forwards (steps) and the rows they
         # carried, prefill forwards and their rows, requests admitted into a running batch, the
         # largest batch seen, and how requests ended.
-        self.counts = {"steps": 0, "step_rows": 0, "prefills": 0, "prefill_rows": 0, "joined_running_batch": 0, "peak_batch": 0,
-                       "finished": 0, "failed": 0, "cancelled": 0}
+        self.counts = {"steps": 0, "step_rows": 0, "prefills": 0, "prefill_rows": 0, "prefill_chunks": 0, "joined_running_batch": 0,
+                       "peak_batch": 0, "finished": 0, "failed": 0, "cancelled": 0}
         # Seconds spent in prefill and decode forwards, and in whole worker iterations that did work
         # (forwards + bookkeeping); wall time minus "busy" is time the worker waited for requests.
         self.seconds = {"prefill": 0.0, "decode": 0.0, "busy": 0.0}
@@ -215,10 +243,12 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         """Rows running now, requests waiting, requests submitted and not yet ended (``in_flight``), and
-        the counters (see ``counts``). ``in_flight == 0`` and ``running == 0``: idle, no hooks on the model."""
+        long prompts being prefilled in chunks (``prefilling``), and the counters (see ``counts``).
+        ``in_flight == 0`` and ``running == 0``: idle, no hooks on the model."""
         ended = self.counts["finished"] + self.counts["failed"] + self.counts["cancelled"]
         seconds = {f"{k}_seconds": round(v, 3) for k, v in self.seconds.items()}
-        return {"running": len(self._rows), "waiting": self._queue.qsize(), "in_flight": self._submitted - ended, **self.counts, **seconds}
+        return {"running": len(self._rows), "prefilling": len(self._prefilling), "waiting": self._queue.qsize(), "in_flight": self._submitted - ended,
+                **self.counts, **seconds}
 
     # ----------------------------------------------------------------- worker
 
@@ -228,11 +258,21 @@ class Engine:
                 try:
                     new = self._collect()
                     start = time.perf_counter()
+                    busy = bool(new or self._rows or self._prefilling)
                     if new:
-                        self._admit(new)
+                        short = [r for r in new if not self._chunked(r)]
+                        self._prefilling += [_Prefill(_Row(r, self.counts, generator=_generator(r.params)), self._new_cache()) for r in new if self._chunked(r)]
+                        if short:
+                            self._admit(short)
                     if self._rows:
                         self._decode()
-                    if new or self._rows:
+                    # Chunks run back to back when nothing else decodes; otherwise each chunk of d seconds is
+                    # followed by d * (1 - share) / share seconds of decode steps before the next one.
+                    if self._prefilling and (not self._rows or self._chunk_debt <= 0):
+                        self._prefill_next_chunk()
+                    if not self._rows:
+                        self._chunk_debt = 0.0
+                    if busy:
                         self.seconds["busy"] += time.perf_counter() - start
                 except Exception as err:  # last resort: fail what is running, keep serving
                     log.exception("engine step failed")
@@ -250,11 +290,11 @@ class Engine:
             _Row(request, self.counts).emit(Done("cancelled", len(request.prompt_ids), 0))
 
     def _collect(self) -> list[GenerationRequest]:
-        room = self.max_batch_size - len(self._rows)
+        room = self.max_batch_size - len(self._rows) - len(self._prefilling)
         if room <= 0 or (self._rows and not self._continuous):
             return []
         taken: list[GenerationRequest] = []
-        if not self._rows:  # idle: block for the first request, then gather for a short window
+        if not self._rows and not self._prefilling:  # idle: block for the first request, then gather for a short window
             try:
                 taken.append(self._queue.get(timeout=0.1))
             except queue.Empty:
@@ -284,20 +324,74 @@ class Engine:
             **{self._cache_arg: cache}, **self._extra,
         )
 
-    def _steer(self, rows: list[_Row]):
+    def _steer(self, rows: list[_Row], prompt_lengths: list[int] | None = None):
         edits = [row.request.edit for row in rows]
-        return steer(self.model, edits, [i if e is not None else None for i, e in enumerate(edits)])
+        return steer(self.model, edits, [i if e is not None else None for i, e in enumerate(edits)], prompt_lengths)
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def _chunked(self, request: GenerationRequest) -> bool:
+        """Is ``request``'s prompt prefilled in chunks? Only prompts longer than a chunk, and only when
+        the finished cache can join the running batch (plain KV layers: known after the first prefill,
+        or read from a fresh cache's layer types)."""
+        if self.prefill_chunk is None or len(request.prompt_ids) <= self.prefill_chunk:
+            return False
+        if self._continuous is None:
+            from transformers.cache_utils import DynamicLayer
+
+            layers = getattr(self._new_cache(), "layers", None)
+            return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+        return self._continuous
+
+    def _prefill_next_chunk(self) -> None:
+        """Feed the next ``prefill_chunk`` tokens of the oldest long prompt; after its last chunk the
+        request joins the running batch exactly as a whole-prompt prefill would."""
+        job = self._prefilling[0]
+        row, request = job.row, job.row.request
+        if request.cancelled.is_set():
+            self._prefilling.pop(0)
+            row.emit(Done("cancelled", len(request.prompt_ids), 0))
+            return
+        total = len(request.prompt_ids)
+        end = min(job.done + self.prefill_chunk, total)
+        ids = torch.tensor([list(request.prompt_ids[job.done:end])], device=self.device)
+        mask = torch.ones(1, end, dtype=torch.long, device=self.device)  # one row, no padding
+        position_ids = torch.arange(job.done, end, device=self.device)[None]
+        self._release_handle()  # the running batch's hooks must not see this forward
+        start = time.perf_counter()
+        try:
+            with self._steer([row], prompt_lengths=[total]):
+                logits = self._forward(ids, mask, position_ids, job.cache).logits[:, -1, :]
+        except Exception as err:
+            log.exception("prefill chunk failed")
+            self._prefilling.pop(0)
+            row.emit(Failed(f"generation failed: {type(err).__name__}: {err}"))
+            return
+        elapsed = time.perf_counter() - start
+        self.seconds["prefill"] += elapsed
+        self.counts["prefill_chunks"] += 1
+        self._chunk_debt += elapsed * (1.0 - self.long_prefill_share) / self.long_prefill_share
+        job.done = end
+        if end < total:
+            return
+        self._prefilling.pop(0)
+        self.counts["prefills"] += 1
+        self.counts["prefill_rows"] += 1
+        if self._continuous is None:
+            self._continuous = can_merge(job.cache)
+        self._join([row], job.cache, mask, logits)
 
     def _admit(self, requests: list[GenerationRequest]) -> None:
         """Prefill ``requests`` together and merge the rows that go on into the running batch."""
-        from transformers import DynamicCache
-
         self._release_handle()  # the running batch's hooks must not see the prefill forward
         rows = [_Row(r, self.counts, generator=_generator(r.params)) for r in requests]
         ids, mask = left_pad([list(r.prompt_ids) for r in requests], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as model.generate does
-        cache = DynamicCache(config=self.model.config)
+        cache = self._new_cache()
         start = time.perf_counter()
         try:
             with self._steer(rows):
@@ -316,6 +410,11 @@ class Engine:
         self.counts["prefill_rows"] += len(rows)
         if self._continuous is None:
             self._continuous = can_merge(cache)
+        self._join(rows, cache, mask, logits)
+
+    def _join(self, rows: list[_Row], cache, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """Choose the first tokens of freshly prefilled ``rows`` (``logits`` [B, V]) and merge the rows that
+        go on, with their ``cache`` and ``mask``, into the running batch."""
         try:
             tokens = self._choose(rows, logits)
         except Exception as err:  # these rows are in no batch yet: the loop's last resort would not reach them
@@ -357,7 +456,9 @@ class Engine:
             log.exception("decode step failed")
             self._fail_running(f"generation failed: {type(err).__name__}: {err}")
             return
-        self.seconds["decode"] += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.seconds["decode"] += elapsed
+        self._chunk_debt -= elapsed
         self.counts["steps"] += 1
         self.counts["step_rows"] += len(rows)
         self._next = self._choose(rows, logits)
@@ -417,7 +518,8 @@ class Engine:
         self._rows, self._cache, self._mask, self._next = [], None, None, None
 
     def _fail_running(self, message: str, cancelled: bool = False) -> None:
-        for row in self._rows:
+        prefilling, self._prefilling = self._prefilling, []
+        for row in self._rows + [job.row for job in prefilling]:
             if not row.finished:
                 row.emit(Done("cancelled", len(row.request.prompt_ids), len(row.generated)) if cancelled else Failed(message))
         self._reset()

@@ -33,14 +33,16 @@ class _Table:
     index: torch.Tensor  # [B] or [1] (broadcast): row -> table row
     params: RowParams  # each tensor [n_users + 1, ...]
     needs_row_mask: bool  # clamp has no strength that can switch it off
+    members: torch.Tensor | None = None  # [n_users + 1]: table row r -> r if user r - 1 has an edit in this table, else 0
 
 
 class _Positions:
     """Per-forward token positions of each row (padding excluded) and each row's prompt length."""
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_lengths: torch.Tensor | None = None) -> None:
         self.positions: torch.Tensor | None = None  # [B, T]
-        self.prompt_len: torch.Tensor | None = None  # [B]
+        self.prompt_len: torch.Tensor | None = prompt_lengths  # [B]
+        self.fixed = prompt_lengths is not None  # given by the caller (a prompt prefilled in chunks)
 
     def pre_hook(self, module, args, kwargs) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -57,7 +59,7 @@ class _Positions:
             past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
             positions = torch.arange(past, past + length, device=device).expand(batch, length)
             real = torch.ones(batch, length, dtype=torch.bool, device=device)
-        if past == 0:  # a new sequence: everything seen now is the prompt
+        if past == 0 and not self.fixed:  # a new sequence: everything seen now is the prompt
             self.prompt_len = positions.masked_fill(~real, -1).max(dim=1).values + 1
         self.positions = positions
 
@@ -142,7 +144,70 @@ def _to(params: RowParams, device: torch.device) -> RowParams:
     return RowParams(**{name: (value.to(device) if value is not None else None) for name, value in vars(params).items()})
 
 
-def steer(model, edits: Sequence[UserEdit | None], rows: Sequence[int | None] | None = None) -> SteeringHandle:
+def pack_site_tables(edits: Sequence[UserEdit | None], n_layers: int, d_model: int, device: torch.device | str = "cpu") -> dict[str, list[_Table]]:
+    """Every site's per-operator tables for ``edits``: canonical site name -> tables in slot order (a user's
+    second edit at one site goes to slot 1, applied after slot 0). Table row 0 = no edit, row i + 1 =
+    ``edits[i]``; ``index`` is left as ``[0]`` for the caller to fill with its rows' table rows
+    (``table.members[row]``). Used by :func:`steer` and by serving integrations that hook other
+    model implementations (:mod:`repedit.serve.vllm`)."""
+    n_users = len(edits)
+    # site -> slot -> (operator, gate) -> [(user index, SiteEdit)]
+    layout: dict[str, list[dict[tuple[str, str], list[tuple[int, SiteEdit]]]]] = {}
+    for user_index, edit in enumerate(edits):
+        if edit is None:
+            continue
+        seen: dict[str, int] = {}
+        for site_edit in edit.edits:
+            site = parse_site(site_edit.site, n_layers).name
+            slot = seen.get(site, 0)
+            seen[site] = slot + 1
+            slots = layout.setdefault(site, [])
+            while len(slots) <= slot:
+                slots.append({})
+            slots[slot].setdefault((site_edit.operator, site_edit.gate), []).append((user_index, site_edit))
+
+    out: dict[str, list[_Table]] = {}
+    for site_name, slots in layout.items():
+        out[site_name] = []
+        for slot in slots:
+            for (op, gate), entries in slot.items():
+                users = {u for u, _ in entries}
+                members = torch.tensor([r if (r - 1) in users else 0 for r in range(n_users + 1)], device=device)
+                out[site_name].append(_Table(op, gate, torch.zeros(1, dtype=torch.long, device=device), _to(_pack(op, entries, n_users, d_model), device),
+                                             op == "clamp", members))
+    return out
+
+
+def apply_tables(hidden: torch.Tensor, tables: Sequence[_Table], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply ``tables`` (their ``index`` filled: one table row per batch row, or ``[1]`` to broadcast) to
+    ``hidden`` ``[B, T, D]``; ``mask`` ``[B, T]`` (bool) limits the edit to some tokens. Returns the edited
+    hidden states (a new tensor; rows with table row 0 keep their values bit for bit)."""
+    batch = hidden.shape[0]
+    out = hidden
+    for table in tables:
+        index = table.index if table.index.numel() == batch else table.index.expand(batch)
+        if table.operator == "add":  # Triton on GPU; on CPU the same arithmetic as before
+            edited = gather_add(out, index, table.params.vector)
+        elif table.operator == "project_out":
+            p = table.params
+            edited = project_edit(out, index, p.basis if p.basis is not None else p.direction, p.b)
+        elif table.operator == "lowrank":
+            p = table.params
+            edited = lowrank_edit(out, index, p.basis, p.weight, p.bias, p.a)
+        else:
+            params = RowParams(**{n: (v.index_select(0, index) if v is not None else None) for n, v in vars(table.params).items()})
+            edited = apply_operator(table.operator, out, params, table.gate)
+        if table.needs_row_mask or mask is not None:
+            keep = (index > 0)[:, None].expand(batch, hidden.shape[1])
+            if mask is not None:
+                keep = keep & mask
+            edited = torch.where(keep[..., None], edited, out)
+        out = edited
+    return out
+
+
+def steer(model, edits: Sequence[UserEdit | None], rows: Sequence[int | None] | None = None,
+          prompt_lengths: Sequence[int] | None = None) -> SteeringHandle:
     """Hook ``edits`` into ``model`` and return the :class:`SteeringHandle`.
 
     Args:
@@ -150,6 +215,9 @@ def steer(model, edits: Sequence[UserEdit | None], rows: Sequence[int | None] | 
         rows: for a mixed batch, ``rows[b]`` is the index in ``edits`` of batch row ``b``'s user (or
             ``None`` for an unsteered row); the batch given to the model must then have exactly
             ``len(rows)`` rows. ``None`` applies ``edits[0]`` to every row of any batch.
+        prompt_lengths: tokens of each batch row's prompt, for the ``"prompt"``/``"generated"`` position
+            rules. By default the tokens of the first forward of a sequence are its prompt; give the
+            lengths when a prompt is fed in several forwards (chunked prefill).
     """
     adapter = get_adapter(model)
     present = [e for e in edits if e is not None]
@@ -163,40 +231,19 @@ def steer(model, edits: Sequence[UserEdit | None], rows: Sequence[int | None] | 
     elif len(edits) != 1:
         raise InputError("without rows=..., give exactly one edit (it is applied to every row)")
     device = next(model.parameters()).device
-    n_users = len(edits)
 
-    # site -> slot -> (operator, gate) -> [(user index, SiteEdit)]
-    layout: dict[str, list[dict[tuple[str, str], list[tuple[int, SiteEdit]]]]] = {}
-    for user_index, edit in enumerate(edits):
-        if edit is None:
-            continue
-        seen: dict[str, int] = {}
-        for site_edit in edit.edits:
-            site = parse_site(site_edit.site, adapter.n_layers).name
-            slot = seen.get(site, 0)
-            seen[site] = slot + 1
-            slots = layout.setdefault(site, [])
-            while len(slots) <= slot:
-                slots.append({})
-            slots[slot].setdefault((site_edit.operator, site_edit.gate), []).append((user_index, site_edit))
-
-    def row_index(users_in_table: set[int]) -> torch.Tensor:
-        if rows is None:
-            return torch.tensor([1 if 0 in users_in_table else 0], device=device)
-        return torch.tensor([i if (i - 1) in users_in_table else 0 for i in batch_index], device=device)
+    site_tables = pack_site_tables(edits, adapter.n_layers, adapter.d_model, device)
+    index = torch.tensor(batch_index if rows is not None else [1], device=device)
 
     position_rules = [e.positions if e is not None else "all" for e in edits]
     needs_positions = any(rule != "all" for rule in position_rules)
-    tracker = _Positions()
+    tracker = _Positions(torch.tensor(list(prompt_lengths), dtype=torch.long, device=device) if prompt_lengths is not None else None)
     handles: list[RemovableHandle] = []
     try:
         if needs_positions:
             handles.append(adapter.decoder.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True))
-        for site_name, slots in layout.items():
-            tables = [
-                _Table(op, gate, row_index({u for u, _ in entries}), _to(_pack(op, entries, n_users, adapter.d_model), device), op == "clamp")
-                for slot in slots for (op, gate), entries in slot.items()
-            ]
+        for site_name, tables in site_tables.items():
+            tables = [replace(table, index=table.members[index]) for table in tables]
             handles.append(register_site_hook(adapter, parse_site(site_name, adapter.n_layers), _make_hook(tables, position_rules, rows, batch_index if rows is not None else None, tracker, needs_positions)))
     except BaseException:
         for handle in handles:
@@ -242,29 +289,9 @@ def _make_hook(tables: list[_Table], rules, rows, batch_index, tracker: _Positio
         kinds, starts = kinds.to(device), starts.to(device)
 
     def hook(hidden: torch.Tensor) -> torch.Tensor:
-        batch = hidden.shape[0]
-        if rows is not None and batch != len(rows):
-            raise InputError(f"steering was set up for {len(rows)} rows, but the model got a batch of {batch}")
-        out = hidden
-        for table in tables:
-            index = table.index if table.index.numel() == batch else table.index.expand(batch)
-            if table.operator == "add":  # Triton on GPU; on CPU the same arithmetic as before
-                edited = gather_add(out, index, table.params.vector)
-            elif table.operator == "project_out":
-                p = table.params
-                edited = project_edit(out, index, p.basis if p.basis is not None else p.direction, p.b)
-            elif table.operator == "lowrank":
-                p = table.params
-                edited = lowrank_edit(out, index, p.basis, p.weight, p.bias, p.a)
-            else:
-                params = RowParams(**{n: (v.index_select(0, index) if v is not None else None) for n, v in vars(table.params).items()})
-                edited = apply_operator(table.operator, out, params, table.gate)
-            if table.needs_row_mask or needs_positions:
-                mask = (index > 0)[:, None].expand(batch, hidden.shape[1])
-                if needs_positions:
-                    mask = mask & _position_mask(kinds, starts, tracker).to(hidden.device)
-                edited = torch.where(mask[..., None], edited, out)
-            out = edited
-        return out
+        if rows is not None and hidden.shape[0] != len(rows):
+            raise InputError(f"steering was set up for {len(rows)} rows, but the model got a batch of {hidden.shape[0]}")
+        mask = _position_mask(kinds, starts, tracker).to(hidden.device) if needs_positions else None
+        return apply_tables(hidden, tables, mask)
 
     return hook

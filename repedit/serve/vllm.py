@@ -38,6 +38,7 @@ when called; the worker side runs inside vLLM's worker processes.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -307,16 +308,28 @@ def vllm_model_path(model: str | Path) -> str:
     return str(model_folder(model))
 
 
+def _engine_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """float32 (as repedit's own models, so outputs compare with :func:`repedit.steering.steer`), and on
+    CPU a 1 GiB KV cache unless the caller sizes it: vLLM's CPU backend otherwise reserves 92% of RAM."""
+    out = {"dtype": "float32", **kwargs}
+    from vllm.platforms import current_platform
+
+    sized = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(out)
+    if current_platform.is_cpu() and not sized and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        out["kv_cache_memory_bytes"] = 1 << 30
+    return out
+
+
 def load_llm(model: str | Path, store: VectorStore | str | Path | None = None, *, refresh_seconds: float = 1.0, **llm_kwargs):
     """A ``vllm.LLM`` for ``model`` with repedit's worker extension, and ``store`` loaded on every worker.
 
-    ``llm_kwargs`` go to ``vllm.LLM``; ``enforce_eager`` must stay True (hooks), and ``dtype`` defaults
-    to float32 (as repedit's own models, so outputs can be compared with :func:`repedit.steering.steer`)."""
+    ``llm_kwargs`` go to ``vllm.LLM``; ``enforce_eager`` must stay True (hooks); ``dtype`` defaults to
+    float32 and, on CPU, the KV cache to 1 GiB (``kv_cache_memory_bytes``)."""
     from vllm import LLM
 
     if llm_kwargs.get("enforce_eager") is False:
         raise InputError("repedit steering in vLLM needs enforce_eager=True: the compiled model ignores hooks added after compilation")
-    llm_kwargs = {"dtype": "float32", "max_model_len": 2048, **llm_kwargs, "enforce_eager": True, "worker_extension_cls": EXTENSION}
+    llm_kwargs = {"max_model_len": 2048, **_engine_defaults(llm_kwargs), "enforce_eager": True, "worker_extension_cls": EXTENSION}
     llm = LLM(model=vllm_model_path(model), **llm_kwargs)
     if store is not None:
         directory = store.directory if isinstance(store, VectorStore) else Path(store)
@@ -352,3 +365,133 @@ def generate(llm, prompts: Sequence[str | Sequence[int]], users: Sequence[str | 
     """``llm.generate`` with request i steered as ``users[i]`` (one mixed batch); returns vLLM's outputs."""
     inputs, params = steered_inputs(prompts, users, store, sampling_params)
     return llm.generate(inputs, params, use_tqdm=use_tqdm)
+
+
+# ----------------------------------------------------------------- repedit serve --engine vllm
+
+
+class VLLMEngine:
+    """The engine behind ``repedit serve --engine vllm``: the same interface as repedit's own
+    :class:`~repedit.serve.engine.Engine` (``start``/``submit``/``stats``/``close``), answered by
+    vLLM's ``AsyncLLM`` with this module's worker extension, so the server keeps its authentication,
+    validation, store lookup and ``user`` field. Requests are submitted from the server's event loop;
+    each becomes one vLLM request with its user in ``extra_args`` and its ``cache_salt``."""
+
+    def __init__(self, model: str | Path, tokenizer, store: VectorStore | str | Path | None, *, max_model_len: int = 2048,
+                 refresh_seconds: float = 1.0, **engine_kwargs) -> None:
+        if engine_kwargs.get("enforce_eager") is False:
+            raise InputError("repedit steering in vLLM needs enforce_eager=True: the compiled model ignores hooks added after compilation")
+        self.model_path, self.tokenizer, self.max_model_len = vllm_model_path(model), tokenizer, max_model_len
+        self.store = store if isinstance(store, VectorStore) or store is None else VectorStore(store)
+        self.refresh_seconds = refresh_seconds
+        self.engine_kwargs = engine_kwargs
+        from types import SimpleNamespace
+
+        from ..model.generation import _stop_ids
+
+        try:  # the model's own end-of-turn ids, as repedit's engine uses them
+            from transformers import GenerationConfig
+
+            generation_config = GenerationConfig.from_pretrained(self.model_path)
+        except (OSError, ValueError):
+            generation_config = None
+        self.stop_ids = frozenset(_stop_ids(tokenizer, SimpleNamespace(generation_config=generation_config)))
+        self.llm = None
+        self._loaded_generation = None
+        self._tasks: set = set()
+        self._closed = False
+        self.counts = {"submitted": 0, "finished": 0, "failed": 0, "cancelled": 0}
+
+    async def astart(self) -> None:
+        """Start vLLM (its engine process loads the model) and load the store on every worker."""
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(model=self.model_path, max_model_len=self.max_model_len, enforce_eager=True, worker_extension_cls=EXTENSION,
+                               **_engine_defaults(self.engine_kwargs))
+        self.llm = AsyncLLM.from_engine_args(args)
+        if self.store is not None:
+            await self.llm.collective_rpc("repedit_load", args=(str(self.store.directory.resolve()), self.refresh_seconds))
+            self._loaded_generation = self.store._index().get("generation")
+
+    def start(self) -> "VLLMEngine":  # the server's lifespan awaits astart() instead
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.llm is not None and not self._closed and not getattr(self.llm, "errored", False)
+
+    def submit(self, request) -> None:
+        """Queue ``request`` (a :class:`~repedit.serve.engine.GenerationRequest`); call from the event loop."""
+        import asyncio
+
+        from .engine import EngineClosed
+
+        if not self.alive:
+            raise EngineClosed("the vLLM engine is not running")
+        self.counts["submitted"] += 1
+        task = asyncio.get_running_loop().create_task(self._run(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, request) -> None:
+        import uuid
+
+        from vllm import SamplingParams as VLLMParams
+        from vllm.sampling_params import RequestOutputKind
+
+        from .engine import Done, Failed, Tokens
+
+        def emit(event) -> None:
+            if isinstance(event, (Done, Failed)):
+                self.counts["failed" if isinstance(event, Failed) else "cancelled" if event.reason == "cancelled" else "finished"] += 1
+            try:
+                request.on_event(event)
+            except Exception:
+                log.exception("request event listener raised")
+
+        params = request.params
+        prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_ids)}
+        extra = None
+        try:
+            if request.edit is not None:
+                user = request.edit.user_id
+                if self.store is not None:
+                    generation = self.store._index().get("generation")
+                    if generation != self._loaded_generation:  # a store write: the workers re-read it before this request
+                        await self.llm.collective_rpc("repedit_refresh")
+                        self._loaded_generation = generation
+                    prompt["cache_salt"] = cache_salt(user, store_versions(self.store)[user])
+                extra = {USER_KEY: user}
+            sampling = VLLMParams(max_tokens=params.max_tokens, temperature=0.0 if params.greedy else params.temperature, top_p=params.top_p,
+                                  seed=params.seed, repetition_penalty=params.repetition_penalty, extra_args=extra,
+                                  output_kind=RequestOutputKind.DELTA, skip_special_tokens=False)
+            request_id = f"repedit-{uuid.uuid4().hex}"
+            produced = 0
+            async for output in self.llm.generate(prompt, sampling, request_id):
+                if request.cancelled.is_set():
+                    await self.llm.abort(request_id)
+                    emit(Done("cancelled", len(request.prompt_ids), produced))
+                    return
+                completion = output.outputs[0]
+                ids = tuple(t for t in completion.token_ids if t not in self.stop_ids)
+                if ids:
+                    produced += len(ids)
+                    emit(Tokens(ids))
+                if output.finished:
+                    emit(Done("length" if completion.finish_reason == "length" else "stop", len(request.prompt_ids), produced))
+                    return
+        except Exception as err:  # one request's failure stays its own
+            log.exception("vLLM request failed")
+            emit(Failed(f"generation failed: {type(err).__name__}: {err}"))
+
+    def stats(self) -> dict[str, Any]:
+        ended = self.counts["finished"] + self.counts["failed"] + self.counts["cancelled"]
+        return {"engine": "vllm", "in_flight": self.counts["submitted"] - ended, "running": len(self._tasks), **self.counts}
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self.llm is not None:
+            self.llm.shutdown()

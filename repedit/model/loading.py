@@ -90,6 +90,15 @@ def _with_pad_token(tokenizer):
     return tokenizer
 
 
+def _local_path(text: str) -> Path:
+    """``text`` as a path; raises when it is written as a path (``.``, ``/``, ``~``) but does not exist
+    (anything else may be a hub id)."""
+    path = Path(text).expanduser()
+    if text.startswith((".", "/", "~")) and not path.exists():
+        raise InputError(f"model folder not found: {path}")
+    return path
+
+
 def load_tokenizer(spec: str | os.PathLike = DEFAULT_MODEL):
     """The tokenizer of a model ``spec`` (as :func:`load_model` takes it) without loading any weights; it
     always has a pad token. Cheap for the default model once :func:`load_model` has cached it."""
@@ -98,9 +107,7 @@ def load_tokenizer(spec: str | os.PathLike = DEFAULT_MODEL):
     text = str(spec)
     gguf = _gguf_path(text)
     if gguf is None:
-        path = Path(text).expanduser()
-        if text.startswith((".", "/", "~")) and not path.exists():
-            raise InputError(f"model folder not found: {path}")
+        _local_path(text)
         return _with_pad_token(AutoTokenizer.from_pretrained(text))
     folder = _cache_folder(*gguf)
     if (folder / "repedit-cache.json").exists():
@@ -115,9 +122,7 @@ def model_folder(spec: str | os.PathLike = DEFAULT_MODEL) -> Path | str:
     text = str(spec)
     gguf = _gguf_path(text)
     if gguf is None:
-        path = Path(text).expanduser()
-        if text.startswith((".", "/", "~")) and not path.exists():
-            raise InputError(f"model folder not found: {path}")
+        path = _local_path(text)
         return path if path.exists() else text
     folder = _cache_folder(*gguf)
     if not (folder / "repedit-cache.json").exists():
@@ -181,9 +186,7 @@ def load_model(
     if gguf is not None:
         model, tokenizer = _load_gguf_cached(*gguf, use_cache)
     else:
-        path = Path(text).expanduser()
-        if text.startswith((".", "/", "~")) and not path.exists():
-            raise InputError(f"model folder not found: {path}")
+        _local_path(text)
         model = AutoModelForCausalLM.from_pretrained(text)
         tokenizer = AutoTokenizer.from_pretrained(text)
     if dtype is not None:

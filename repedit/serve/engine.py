@@ -260,8 +260,10 @@ class Engine:
                     start = time.perf_counter()
                     busy = bool(new or self._rows or self._prefilling)
                     if new:
-                        short = [r for r in new if not self._chunked(r)]
-                        self._prefilling += [_Prefill(_Row(r, self.counts, generator=_generator(r.params)), self._new_cache()) for r in new if self._chunked(r)]
+                        chunked = [self._chunked(r) for r in new]  # once per request: it may build a cache to look at
+                        short = [r for r, c in zip(new, chunked) if not c]
+                        self._prefilling += [_Prefill(_Row(r, self.counts, generator=_generator(r.params)), self._new_cache())
+                                             for r, c in zip(new, chunked) if c]
                         if short:
                             self._admit(short)
                     if self._rows:

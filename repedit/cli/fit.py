@@ -3,83 +3,52 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
-from .common import add_model_argument, parse_positions
+from .common import add_model_argument, add_ray_arguments, parse_positions, ray_if_asked
+
+
+def fit_options(args: argparse.Namespace):
+    """The :class:`repedit.evaluate.fitting.FitOptions` of a ``repedit fit`` command line."""
+    from ..evaluate.fitting import FitOptions
+
+    return FitOptions(
+        method=args.method, layers=tuple(args.layers) if args.layers else None, strength=args.strength,
+        neutral_strength=args.neutral_strength, positions=parse_positions(args.positions), batch_size=args.batch_size, auto=args.auto,
+        strengths=tuple(args.strengths), max_kl=args.max_kl, held_out_fraction=args.held_out_fraction, epochs=args.epochs, lr=args.lr,
+        kl_weight=args.kl_weight, preference_weight=args.preference_weight, rank=args.rank, val_items=args.val_items, seed=args.seed,
+    )
 
 
 def _fit(args: argparse.Namespace) -> None:
-    from ..model.loading import load_model
+    from ..io import write_json
     from ..pairs.synthesis import read_pairs
-    from ..steering.fit import fit_user_edits
     from ..store.vectors import save_edits
 
     pairs = read_pairs(args.pairs)
-    model, tokenizer = load_model(args.model)
-    positions = parse_positions(args.positions)
-    if args.method in ("trained", "trained_lowrank"):
-        edits = _fit_trained(args, model, tokenizer, pairs)
-        edits = {user: dataclasses.replace(edit, positions=positions) for user, edit in edits.items()}
-    elif args.auto:
-        from ..evaluate.select import select_layer_strength, split_for_selection
-        from ..steering.fit import default_layers
+    options = fit_options(args)
+    if args.ray is not None:
+        from ..scale import fit_on_ray
 
-        train, held_out, neutral = split_for_selection(pairs, args.held_out_fraction)
-        layers = args.layers or sorted({max(1, int(default_layers(model)[0] * f)) for f in (0.5, 0.75, 1.0, 1.25)})
-        selection = select_layer_strength(
-            model, tokenizer, train, held_out, neutral, method=args.method, layers=layers, strengths=args.strengths,
-            max_kl=args.max_kl, batch_size=args.batch_size,
-        )
-        edits = {user: dataclasses.replace(edit, positions=positions) for user, edit in selection.edits.items()}
-        selection.save(Path(args.out) / "selection.json")
-        for user, choice in selection.choices.items():
-            print(f"{user}: layer {choice['layer']}, strength {choice['strength']}, held-out gain {choice['gain']:+.3f} nats/token, KL {choice['kl']:.3f}")
+        with ray_if_asked(args):
+            outcome = fit_on_ray(args.model, pairs, args.out, options=options, actors=args.actors, users_per_task=args.users_per_task,
+                                 num_gpus=args.num_gpus)
     else:
-        edits = fit_user_edits(
-            model, tokenizer, pairs, method=args.method, layers=args.layers, strength=args.strength,
-            neutral_strength=args.neutral_strength, positions=positions, batch_size=args.batch_size,
-        )
-    save_edits(edits, args.out)
-    for user_id, edit in edits.items():
-        print(f"{user_id}: {edit.method} at {', '.join(edit.sites)} from {edit.provenance['n_pairs']} pairs")
-    print(f"{len(edits)} edits -> {args.out}")
+        from ..evaluate.fitting import fit_users
+        from ..model.loading import load_model
 
-
-def _fit_trained(args: argparse.Namespace, model, tokenizer, pairs) -> dict:
-    """``repedit fit --method trained|trained_lowrank``: train, then (with ``--auto``) pick each user's
-    strength by the fluency of generated answers on their validation items; writes ``training.json``."""
-    from ..evaluate.select import validation_items
-    from ..io import write_json
-    from ..pairs.synthesis import REAL_HISTORY
-    from ..steering.train import TrainSettings, train_user_edits
-
-    settings = TrainSettings(
-        kind="lowrank" if args.method == "trained_lowrank" else "vector", layers=tuple(args.layers) if args.layers else None,
-        rank=args.rank, epochs=args.epochs, lr=args.lr, kl_weight=args.kl_weight, preference_weight=args.preference_weight,
-        val_items=args.val_items, batch_size=args.batch_size, seed=args.seed,
-    )
-    result = train_user_edits(model, tokenizer, pairs, settings=settings)
-    record = result.record()
-    edits = result.edits
-    if args.auto:
-        from ..evaluate.strength import select_strength_by_generation
-
-        validation = validation_items(pairs, settings.val_items)
-        neutral = list(dict.fromkeys((p.prompt, p.neutral) for p in pairs if p.source != REAL_HISTORY))[:4]
-        selection = select_strength_by_generation(model, tokenizer, edits, validation, neutral=neutral, factors=args.strengths)
-        edits = selection.edits
-        record["selection"] = {"choices": selection.choices, "grid": selection.grid}
-        selection.save(Path(args.out) / "selection.json")
-        for user, choice in selection.choices.items():
-            print(f"{user}: strength {choice['strength']}, validation gain {choice['gain']:+.3f} nats/token, KL {choice['kl']:.3f}, "
-                  f"fluent {choice['fluent']}")
-    write_json(f"{args.out}/training.json", record)
-    for user, best in result.best.items():
-        print(f"{user}: validation NLL {best['unsteered_val_nll']:.3f} unsteered -> {best['init_val_nll']:.3f} mean difference -> "
-              f"{best['val_nll']:.3f} trained (epoch {best['epoch']})")
-    print(f"trained {len(result.edits)} users jointly in {result.seconds:.1f} s")
-    return edits
+        model, tokenizer = load_model(args.model)
+        outcome = fit_users(model, tokenizer, pairs, options)
+        save_edits(outcome.edits, args.out)
+        if outcome.selection is not None:
+            outcome.selection.save(Path(args.out) / "selection.json")
+        if outcome.training is not None:
+            write_json(f"{args.out}/training.json", outcome.training)
+    for line in outcome.lines:
+        print(line)
+    if outcome.training is not None:
+        print(f"trained {len(outcome.training['best'])} users jointly in {outcome.training['seconds']:.1f} s")
+    print(f"{len(outcome.edits)} edits -> {args.out}")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -105,4 +74,5 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     fit.add_argument("--rank", type=int, default=4, help="trained_lowrank: rank k of the edit")
     fit.add_argument("--val-items", type=int, default=2, help="trained methods: each user's last N real-history pairs validate (early stopping)")
     fit.add_argument("--seed", type=int, default=0)
+    add_ray_arguments(fit, unit="--users-per-task", unit_help="users fitted together by one worker task (default 8)")
     fit.set_defaults(run=_fit)

@@ -5,16 +5,26 @@ from __future__ import annotations
 import argparse
 
 from ..pairs.synthesis import DEFAULT_SETTINGS as PAIR_SETTINGS
-from .common import add_model_argument
+from .common import add_model_argument, add_ray_arguments, ray_if_asked
 
 
 def _pairs(args: argparse.Namespace) -> None:
+    with ray_if_asked(args):
+        _run_pairs(args, args.ray is not None)
+
+
+def _run_pairs(args: argparse.Namespace, on_ray: bool) -> None:
     from ..model.generation import GenerationSettings
     from ..model.loading import load_model
     from ..pairs.synthesis import generate
     from ..pairs.users import demo_prompts_path, demo_users_path, read_prompts, read_users
 
-    users = read_users(demo_users_path() if args.users == "demo" else args.users)[: args.max_users]
+    if on_ray and args.users != "demo":
+        from ..scale import read_users_dataset
+
+        users = read_users_dataset(args.users)[: args.max_users]  # Ray Data: Parquet or JSONL
+    else:
+        users = read_users(demo_users_path() if args.users == "demo" else args.users)[: args.max_users]
     if args.hold_out:
         from ..pairs.users import split_history
 
@@ -24,11 +34,15 @@ def _pairs(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
         seed=args.seed, batch_size=args.batch_size, repetition_penalty=args.repetition_penalty,
     )
-    model, tokenizer = load_model(args.model)
-    pairs = generate(
-        model, tokenizer, users, prompts, out=args.out, k=args.k, settings=settings, near_duplicate=args.near_duplicate,
-        real_history=not args.no_real_history, truncated=args.truncated,
-    )
+    options = dict(k=args.k, settings=settings, near_duplicate=args.near_duplicate, real_history=not args.no_real_history,
+                   truncated=args.truncated, users_per_block=args.users_per_block)
+    if on_ray:
+        from ..scale import pairs_on_ray
+
+        pairs = pairs_on_ray(args.model, users, prompts, args.out, actors=args.actors, num_gpus=args.num_gpus, **options)
+    else:
+        model, tokenizer = load_model(args.model)
+        pairs = generate(model, tokenizer, users, prompts, out=args.out, **options)
     by_source: dict[str, int] = {}
     for pair in pairs:
         by_source[pair.source] = by_source.get(pair.source, 0) + 1
@@ -56,7 +70,8 @@ def _lamp_score(args: argparse.Namespace) -> None:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     pairs = commands.add_parser("pairs", help="self-generate per-user preference pairs (personalised vs neutral); resumable")
-    pairs.add_argument("--users", required=True, help="users JSONL (user_id, history, profile), or 'demo' for the built-in users")
+    pairs.add_argument("--users", required=True, help="users JSONL (user_id, history, profile), or 'demo' for the built-in users; "
+                       "with --ray also Parquet (a file or a folder)")
     pairs.add_argument("--prompts", required=True, help="prompts: .txt (one per line) or .jsonl, or 'demo' for the built-in prompts")
     pairs.add_argument("--out", required=True, help="output pairs JSONL; rerun the same command to resume")
     add_model_argument(pairs)
@@ -69,11 +84,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     pairs.add_argument("--temperature", type=float, default=0.7)
     pairs.add_argument("--top-p", type=float, default=0.95)
     pairs.add_argument("--near-duplicate", type=float, default=0.995, help="drop pairs whose responses' hidden-state cosine exceeds this")
-    pairs.add_argument("--truncated", default="trim", choices=["drop", "trim"], help="answers cut at max-new-tokens: trim to the last full sentence (default) or drop the pair")
+    pairs.add_argument("--truncated", default="trim", choices=["drop", "trim", "keep"], help="answers cut at max-new-tokens: trim to the last full sentence (default), drop the pair, or keep them as they are")
     pairs.add_argument("--no-real-history", action="store_true", help="skip real-history (StyleVector) pairs")
     pairs.add_argument("--hold-out", type=int, default=0, help="leave each user's last N history items with a prompt out (for repedit eval)")
     pairs.add_argument("--max-users", type=int, default=None, help="use only the first N users")
     pairs.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    add_ray_arguments(pairs, unit="--users-per-block", unit_help="users whose insights and answers are batched together: "
+                      "the unit of work of a worker and of resuming (default 8)")
     pairs.set_defaults(run=_pairs)
     lamp = commands.add_parser("lamp", help="LaMP benchmark files: convert to users/items JSONL, score predictions with the official metrics")
     lamp_sub = lamp.add_subparsers(dest="lamp_command", required=True)

@@ -6,7 +6,9 @@ measures (style attribution, lexical markers, :class:`FluencyRule`). No plotting
 :mod:`repedit.report`.
 """
 
-from .evaluation import CONDITIONS, EDITED_CONDITIONS, EVAL_SETTINGS, EvalInputs, Evaluation, eval_inputs, evaluate_users, generate_with_edits
+from .conditions import CONDITIONS, EDITED_CONDITIONS, EVAL_SETTINGS, MeasureRequest, ModelMeasures, generate_with_edits, model_measures
+from .evaluation import EvalInputs, Evaluation, eval_inputs, evaluate_users
+from .fitting import FitOptions, FitOutcome, NeutralSets, fit_users, neutral_sets
 from .measures import (
     MARKERS,
     FluencyRule,
@@ -28,7 +30,8 @@ from .select import DEFAULT_MAX_KL, HeldOut, Selection, select_layer_strength, s
 from .strength import select_strength_by_generation
 
 __all__ = [
-    "CONDITIONS", "DEFAULT_MAX_KL", "EDITED_CONDITIONS", "EVAL_SETTINGS", "MARKERS", "EvalInputs", "Evaluation", "FluencyRule",
+    "CONDITIONS", "DEFAULT_MAX_KL", "EDITED_CONDITIONS", "EVAL_SETTINGS", "MARKERS", "EvalInputs", "Evaluation", "FitOptions", "FitOutcome",
+    "FluencyRule", "MeasureRequest", "ModelMeasures", "NeutralSets", "fit_users", "model_measures", "neutral_sets",
     "FluencyVerdict", "HeldOut", "Selection", "StyleAttributor", "choose_marker", "distinct_n", "eval_inputs", "evaluate_users",
     "fluency_measures", "generate_with_edits", "lexical_markers", "marker_means", "marker_movement", "nonword_rate", "rank_markers",
     "reference_logprobs", "repeated_ngram_rate", "response_kl", "response_logprobs", "select_layer_strength",

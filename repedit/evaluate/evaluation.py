@@ -42,34 +42,25 @@ scaled by factors (1 = the evaluated edit) — effect vs strength on the held-ou
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..capture.embedding import Embedder
 from ..io import InputError, read_json, write_json
-from ..model.generation import Generated, GenerationSettings, generate_batch, render_chat
-from ..model.inputs import chunks
+from ..model.generation import GenerationSettings
 from ..pairs.synthesis import PairTemplates
-from ..steering.apply import steer
 from ..steering.edit import UserEdit
+from .conditions import (
+    CONDITIONS, DEFAULT_FACTORS, EDITED_CONDITIONS, EVAL_SETTINGS, MeasureRequest, ModelMeasures, fluency_controls, model_measures,
+)
 from .measures import FluencyRule, StyleAttributor, marker_means, marker_movement, rank_markers, repeated_ngram_rate, shuffled_label_accuracy
-from .scoring import reference_logprobs, response_kl, response_logprobs
 from .select import DEFAULT_MAX_KL, HeldOut
 
-CONDITIONS: tuple[str, ...] = ("unsteered", "prompt_only", "few_shot", "steered", "prompt_steered")
-EDITED_CONDITIONS: tuple[str, ...] = ("steered", "prompt_steered")
-DEFAULT_FACTORS: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
-# Short answers: held-out history texts are a few sentences; 64 tokens keeps three conditions affordable on a CPU.
-EVAL_SETTINGS = GenerationSettings(max_new_tokens=64, repetition_penalty=1.2, batch_size=16)
 
 
 @dataclass
@@ -101,26 +92,6 @@ class Evaluation:
         return cls(**data)
 
 
-def generate_with_edits(
-    model, tokenizer, conversations: Sequence[list[dict[str, str]]], edits: Sequence[UserEdit | None],
-    rows: Sequence[int | None], settings: GenerationSettings = EVAL_SETTINGS, *, progress: bool = False, desc: str = "generate",
-) -> list[Generated]:
-    """Generate one answer per conversation, row ``i`` steered by ``edits[rows[i]]`` (``None``: unsteered).
-
-    Batches of ``settings.batch_size`` mix users; each row gets its own edit (:func:`steer`).
-    """
-    if len(rows) != len(conversations):
-        raise InputError(f"rows has {len(rows)} entries for {len(conversations)} conversations")
-    results: list[Generated] = []
-    for start, batch in tqdm(list(chunks(list(conversations), settings.batch_size)), desc=desc, unit="batch", disable=not progress):
-        batch_rows = list(rows[start:start + len(batch)])
-        steered = any(r is not None and edits[r] is not None for r in batch_rows)
-        context = steer(model, edits, batch_rows) if steered else contextlib.nullcontext()
-        with context:
-            results.extend(generate_batch(model, tokenizer, batch, settings, seed_offset=start))
-    return results
-
-
 def _mean(values: Sequence[float]) -> float:
     values = [v for v in values if not math.isnan(v)]
     return float(sum(values) / len(values)) if values else float("nan")
@@ -131,36 +102,13 @@ def _median(values: Sequence[float]) -> float:
     return float(statistics.median(finite)) if finite else float("nan")
 
 
-def _perplexities(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int) -> list[float]:
-    """Perplexity of each answer under the unsteered model (NaN for an empty answer)."""
-    scored = [i for i, a in enumerate(answers) if a.strip()]
-    out = [float("nan")] * len(answers)
-    if scored:
-        logprobs = response_logprobs(model, tokenizer, [prompts[i] for i in scored], [answers[i] for i in scored], batch_size=batch_size)
-        for i, lp in zip(scored, logprobs.tolist()):
-            out[i] = math.exp(-lp)
-    return out
-
-
-def _conversations(test_items: Sequence[HeldOut], insights: dict[str, str], examples: dict[str, Sequence[tuple[str, str]]],
-                   templates: PairTemplates) -> dict[str, list[list[dict[str, str]]]]:
-    """The prompt of every held-out item under each condition (edited conditions share their prompt's)."""
-    plain = [[{"role": "user", "content": item.prompt}] for item in test_items]
-    personal = [[{"role": "system", "content": templates.personalized_system.format(insights=insights[item.user_id])},
-                 {"role": "user", "content": item.prompt}] for item in test_items]
-    shots = [[turn for prompt, text in examples.get(item.user_id, ()) for turn in
-              ({"role": "user", "content": prompt}, {"role": "assistant", "content": text})] + [{"role": "user", "content": item.prompt}]
-             for item in test_items]
-    return {"unsteered": plain, "prompt_only": personal, "few_shot": shots, "steered": plain, "prompt_steered": personal}
-
-
 def evaluate_users(
     model, tokenizer, test_items: Sequence[HeldOut], edits: dict[str, UserEdit], *,
     insights: dict[str, str], history: dict[str, Sequence[str]], neutral: Sequence[tuple[str, str]],
     embedder: Embedder, examples: dict[str, Sequence[tuple[str, str]]] | None = None,
     factors: Sequence[float] = DEFAULT_FACTORS, settings: GenerationSettings = EVAL_SETTINGS,
     templates: PairTemplates = PairTemplates(), max_kl: float = DEFAULT_MAX_KL, fluency: FluencyRule = FluencyRule(),
-    progress: bool = True,
+    progress: bool = True, measures: ModelMeasures | None = None,
 ) -> Evaluation:
     """Evaluate every user of ``test_items`` under the five conditions (module docstring).
 
@@ -174,6 +122,8 @@ def evaluate_users(
         examples: per-user (prompt, text) training items shown in the few-shot condition (default:
             none, so ``few_shot`` equals ``unsteered``; :func:`eval_inputs` gives 4 per user).
         factors: strength multipliers of each edit for ``strength_curve``.
+        measures: the model-bound numbers, when already computed elsewhere (``repedit eval --ray``
+            merges them from workers, :mod:`repedit.evaluate.conditions`); ``model`` is then unused.
     """
     users = list(dict.fromkeys(item.user_id for item in test_items))
     missing = [u for u in users if not insights.get(u)] + [u for u in users if not history.get(u)]
@@ -181,30 +131,17 @@ def evaluate_users(
         raise InputError(f"users without insights or training history: {sorted(set(missing))} (insights come from `repedit pairs`)")
     if not neutral:
         raise InputError("the KL of the steered condition needs neutral (prompt, response) pairs")
-    batch = settings.batch_size
-    edit_list = [edits.get(u) for u in users]
+    if measures is None:
+        request = MeasureRequest(list(test_items), dict(edits), dict(insights), {u: list(v) for u, v in (examples or {}).items()},
+                                 list(neutral), tuple(factors), settings, templates)
+        measures = model_measures(model, tokenizer, request, progress=progress)
     user_index = {u: i for i, u in enumerate(users)}
     rows = [user_index[item.user_id] for item in test_items]
     texts = [item.text for item in test_items]
-    conversations = _conversations(test_items, insights, examples or {}, templates)
+    loglik = {c: torch.tensor(v, dtype=torch.float64) for c, v in measures.loglik.items()}
+    answers, perplexity, context, kl = measures.answers, measures.perplexity, measures.context_tokens, measures.kl
+    latency = {c: measures.seconds[c] / max(len(rows), 1) for c in CONDITIONS}
     edited = {c: c in EDITED_CONDITIONS for c in CONDITIONS}
-    stages = tqdm(total=len(CONDITIONS) * 2 + 3, desc="evaluate", unit="stage", disable=not progress)
-
-    loglik: dict[str, torch.Tensor] = {}
-    answers: dict[str, list[str]] = {}
-    latency: dict[str, float] = {}
-    for condition in CONDITIONS:  # (a) held-out log-likelihood of the users' real texts
-        loglik[condition] = response_logprobs(model, tokenizer, conversations[condition], texts, batch_size=batch,
-                                              **({"edits": edit_list, "rows": rows} if edited[condition] else {}))
-        stages.update()
-    for condition in CONDITIONS:  # (b) generated answers, timed
-        started = time.perf_counter()
-        generated = generate_with_edits(model, tokenizer, conversations[condition], edit_list if edited[condition] else [None],
-                                        rows if edited[condition] else [None] * len(rows), settings)
-        latency[condition] = (time.perf_counter() - started) / max(len(rows), 1)
-        answers[condition] = [g.text for g in generated]
-        stages.update()
-    context = {c: [len(render_chat(tokenizer, conv)) for conv in conversations[c]] for c in CONDITIONS}
 
     # (c) style: embedding similarity, attribution by an independent classifier, lexical markers.
     centroids = torch.stack([embedder(list(history[u])).mean(0) for u in users])  # [n_users, d]
@@ -219,30 +156,7 @@ def evaluate_users(
     ranked = {u: rank_markers(list(history[u]), [answers["unsteered"][j] for j, r in enumerate(rows) if r == i], {v: list(history[v]) for v in users})[0]
               for i, u in enumerate(users)}
     markers = {u: m.marker for u, m in ranked.items()}
-    stages.update()
-
-    # (d) fluency: perplexity of the answers under the unsteered model; loops; KL on neutral text when edited.
-    plain_prompts = [item.prompt for item in test_items]
-    perplexity = {c: _perplexities(model, tokenizer, plain_prompts, answers[c], batch) for c in CONDITIONS}
     repeats = {c: [repeated_ngram_rate(a, 3) for a in answers[c]] for c in CONDITIONS}
-    stages.update()
-    reference = reference_logprobs(model, tokenizer, [p for p, _ in neutral], [r for _, r in neutral], batch_size=batch)
-
-    def kl_per_user(scaled: list[UserEdit | None]) -> dict[str, float]:
-        steered_users = [i for i, e in enumerate(scaled) if e is not None]
-        result = {u: 0.0 for u in users}
-        if not steered_users:
-            return result
-        kl = response_kl(
-            model, tokenizer, [p for _ in steered_users for p, _ in neutral], [r for _ in steered_users for _, r in neutral],
-            edits=scaled, rows=[i for i in steered_users for _ in neutral], batch_size=batch, reference=reference * len(steered_users),
-        )
-        for k, i in enumerate(steered_users):
-            result[users[i]] = float(kl[k * len(neutral):(k + 1) * len(neutral)].mean())
-        return result
-
-    kl = kl_per_user(edit_list)
-    stages.update()
 
     unsteered_perplexity = {u: _median([perplexity["unsteered"][j] for j, r in enumerate(rows) if r == i]) for i, u in enumerate(users)}
     per_user: dict[str, dict[str, dict[str, Any]]] = {}
@@ -282,25 +196,17 @@ def evaluate_users(
         }
         per_user[user]["steered"]["has_edit"] = float(edits.get(user) is not None)
 
-    # Effect vs strength on the held-out data: each user's edit scaled by each factor, all users per batch.
     curve: list[dict[str, Any]] = []
-    for factor in factors:
-        if factor == 1.0:  # the evaluated edits themselves: already scored above
-            steered_ll, factor_kl = loglik["steered"], kl
-        else:
-            scaled = [e * factor if e is not None else None for e in edit_list]
-            steered_ll = response_logprobs(model, tokenizer, plain_prompts, texts, edits=scaled, rows=rows, batch_size=batch)
-            factor_kl = kl_per_user(scaled)
+    for factor, (steered_values, factor_kl) in measures.curve.items():
+        steered_ll = torch.tensor(steered_values, dtype=torch.float64)
         for i, user in enumerate(users):
-            if edit_list[i] is None:
+            if edits.get(user) is None:
                 continue
             mine = [j for j, r in enumerate(rows) if r == i]
             curve.append({
                 "user_id": user, "factor": float(factor),
                 "gain": float((steered_ll[mine] - loglik["unsteered"][mine]).mean()), "kl": factor_kl[user],
             })
-    stages.update()
-    stages.close()
 
     samples = [
         {"user_id": item.user_id, "prompt": item.prompt, "reference": item.text, **{c: answers[c][j] for c in CONDITIONS}}
@@ -313,8 +219,8 @@ def evaluate_users(
         "shuffled_labels": shuffled_label_accuracy(history_texts, history_users, texts, [item.user_id for item in test_items]),
     }
     summary["latency_s"] = latency
-    points, controls = _fluency_points(model, tokenizer, test_items, rows, users, answers, loglik["unsteered"], perplexity,
-                                       unsteered_perplexity, fluency, batch)
+    points, controls = _fluency_points(test_items, rows, users, answers, loglik["unsteered"], perplexity, measures.control_perplexity,
+                                       unsteered_perplexity, fluency)
     summary["fluency_controls"] = controls
     return Evaluation(per_user, summary, curve, samples, embedder.name, max_kl=max_kl, fluency_points=points, settings={
         "generation": settings.to_dict(), "factors": list(factors), "n_test_items": len(test_items), "n_neutral": len(neutral),
@@ -322,20 +228,16 @@ def evaluate_users(
     })
 
 
-def _fluency_points(model, tokenizer, test_items, rows, users, answers, unsteered_loglik, perplexity, unsteered_perplexity,
-                    rule: FluencyRule, batch: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _fluency_points(test_items, rows, users, answers, unsteered_loglik, perplexity, control_perplexity, unsteered_perplexity,
+                    rule: FluencyRule) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per answer, the fluency rule's measures (for the report's figure), for every condition, the
-    users' real held-out texts and two constructed controls per user that the rule must reject: a loop
-    (the unsteered answer's first six words, six times) and gibberish (seeded random letter strings)."""
-    rng = random.Random(0)
-    loops = [(" ".join(a.split()[:6]) + " ") * 6 for a in answers["unsteered"]]
-    gibberish = [" ".join("".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(rng.randint(3, 9))) for _ in range(20))
-                 for _ in answers["unsteered"]]
-    prompts = [item.prompt for item in test_items]
+    users' real held-out texts and the two constructed controls per user that the rule must reject
+    (:func:`repedit.evaluate.conditions.fluency_controls`: a loop and gibberish)."""
+    loops, gibberish = fluency_controls(test_items, answers["unsteered"])
     groups = {**{c: (answers[c], perplexity[c]) for c in CONDITIONS},
               "users' real texts": ([item.text for item in test_items], [math.exp(-float(x)) for x in unsteered_loglik]),
-              "constructed loop (control)": (loops, _perplexities(model, tokenizer, prompts, loops, batch)),
-              "constructed gibberish (control)": (gibberish, _perplexities(model, tokenizer, prompts, gibberish, batch))}
+              "constructed loop (control)": (loops, control_perplexity["loop"]),
+              "constructed gibberish (control)": (gibberish, control_perplexity["gibberish"])}
     points: list[dict[str, Any]] = []
     admitted: dict[str, int] = {}
     for group, (texts, ppls) in groups.items():

@@ -20,7 +20,7 @@ from ..io import InputError
 from ..model.generation import GenerationSettings
 from ..model.sites import site_layer
 from ..steering.edit import UserEdit
-from .evaluation import _perplexities, generate_with_edits
+from .conditions import _perplexities, generate_with_edits
 from .measures import FluencyRule, repeated_ngram_rate
 from .scoring import reference_logprobs, response_kl, response_logprobs
 from .select import HeldOut, Selection

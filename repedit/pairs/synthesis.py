@@ -18,12 +18,13 @@ restarted job regenerates exactly what is missing — no pair lost or duplicated
 from __future__ import annotations
 
 import csv
+from collections import Counter
 import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -166,7 +167,7 @@ def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-class _Output:
+class PairsOutput:
     """The output JSONL (append-only, torn last line repaired) plus its ``.state.json`` sidecar."""
 
     def __init__(self, path: Path | None, config_key: str) -> None:
@@ -218,6 +219,14 @@ class _Output:
             self.state["dropped"].update(dropped)
             self.save_state()
 
+    def append_block(self, result: "BlockResult") -> None:
+        """Record a finished block: its selections and insights, then its pairs and dropped keys."""
+        if result.selected or result.insights:
+            self.state["selected"].update(result.selected)
+            self.state["insights"].update(result.insights)
+            self.save_state()
+        self.append(result.pairs, result.dropped)
+
 
 def _pair_from_dict(obj: Any, where: str) -> Pair:
     if not isinstance(obj, dict):
@@ -265,7 +274,7 @@ def _filter(
             pair = replace(pair, personalized=personalized.text, neutral=neutral.text)
         if not personalized.text or not neutral.text:
             dropped[key] = "empty"
-        elif not personalized.finished or not neutral.finished:
+        elif truncated != "keep" and (not personalized.finished or not neutral.finished):
             dropped[key] = "truncated"
         elif _normalise(personalized.text) == _normalise(neutral.text):
             dropped[key] = "near-duplicate (same text)"
@@ -283,6 +292,187 @@ def _filter(
     return kept, dropped
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a pairs job's plan needs of the model: its fingerprint and its number of layers."""
+
+    fingerprint: str
+    n_layers: int
+
+    @classmethod
+    def of(cls, model) -> "ModelFacts":
+        from ..model.arch import get_adapter
+
+        return cls(model_fingerprint(model), get_adapter(model).n_layers)
+
+
+@dataclass(frozen=True)
+class PairJob:
+    """Everything a pairs job's units of work need besides the model: built by :func:`plan_job`.
+
+    The job is cut into units that do not depend on who runs them — neutral answers in batches of
+    ``settings.batch_size`` prompts (:func:`neutral_answers`) and users in blocks of
+    ``users_per_block`` (:func:`user_block_pairs`) — so one process running them in order and many
+    workers running them in any order write the same pairs (``repedit.scale`` relies on this).
+    """
+
+    prompts: tuple[str, ...]
+    k: int
+    settings: GenerationSettings
+    templates: PairTemplates
+    near_duplicate: float
+    real_history: bool
+    truncated: str
+    layer: int
+    run_settings: dict[str, Any]
+    config_key: str
+    users_per_block: int
+
+    def neutral_needed(self, users: Sequence[User]) -> list[str]:
+        """Prompts that need a neutral answer: the prompt set, then the users' history prompts (real-history pairs)."""
+        history = [h.prompt for u in users for h in u.history if h.prompt] if self.real_history else []
+        return list(dict.fromkeys(list(self.prompts) + history))
+
+    def block_keys(self, block: Sequence[User]) -> set[str]:
+        """The keys of every pair a block of users can produce (kept or dropped, the job is done with them)."""
+        keys = {_key_string((u.user_id, p, SELF_GENERATED)) for u in block for p in self.prompts}
+        if self.real_history:
+            keys |= {_key_string((u.user_id, h.prompt, REAL_HISTORY)) for u in block for h in u.history if h.prompt is not None}
+        return keys
+
+
+@dataclass
+class BlockResult:
+    """What one block of users produced: representative items, insights, kept pairs, dropped keys with reasons."""
+
+    selected: dict[str, list[int]]
+    insights: dict[str, str]
+    pairs: list[Pair]
+    dropped: dict[str, str]
+
+
+def plan_job(
+    model, users: Sequence[User], prompts: Sequence[str], *, k: int = 4, settings: GenerationSettings = DEFAULT_SETTINGS,
+    templates: PairTemplates = PairTemplates(), near_duplicate: float = 0.995, real_history: bool = True, truncated: str = "drop",
+    layer: int | None = None, users_per_block: int = 8,
+) -> PairJob:
+    """Check the inputs of a pairs job and fix its settings and resume key (arguments as :func:`generate`;
+    ``model`` may be its :class:`ModelFacts`, all a driver without the model needs)."""
+    if not users:
+        raise InputError("no users given")
+    if not prompts:
+        raise InputError("no prompts given: the prompt set is empty")
+    ids = [u.user_id for u in users]
+    duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if duplicates:
+        raise InputError(f"duplicate user ids: {', '.join(duplicates)}")
+    if len(set(prompts)) != len(prompts):
+        raise InputError("duplicate prompts in the prompt set (pairs are keyed by user and prompt)")
+    if k < 1:
+        raise InputError(f"k must be at least 1, got {k}")
+    if users_per_block < 1:
+        raise InputError(f"users_per_block must be at least 1, got {users_per_block}")
+    if truncated not in ("drop", "trim", "keep"):
+        raise InputError(f"truncated must be 'drop', 'trim' or 'keep', got {truncated!r}")
+    facts = model if isinstance(model, ModelFacts) else ModelFacts.of(model)
+    layer = facts.n_layers // 2 if layer is None else layer
+    run_settings = {
+        "model": facts.fingerprint, "k": k, "layer": layer, "near_duplicate": near_duplicate, "truncated": truncated,
+        **settings.to_dict(), "templates": sha256_of(asdict(templates))[:12],
+    }
+    config_key = sha256_of({
+        "settings": run_settings, "prompts": list(prompts), "real_history": real_history,
+        "users": [[u.user_id, [h.text for h in u.history], [h.prompt for h in u.history], u.profile] for u in users],
+    })
+    return PairJob(tuple(prompts), k, settings, templates, near_duplicate, real_history, truncated, layer, run_settings,
+                   config_key, users_per_block)
+
+
+def neutral_answers(model, tokenizer, job: PairJob, prompts: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Neutral answers to one batch of prompts: ``{prompt: {"text", "finished", "n_tokens"}}``."""
+    results = generate_chat(model, tokenizer, [job.templates.neutral(p) for p in prompts], job.settings, progress=False)
+    return {p: {"text": r.text, "finished": r.finished, "n_tokens": r.n_tokens} for p, r in zip(prompts, results)}
+
+
+def user_block_pairs(
+    model, tokenizer, job: PairJob, block: Sequence[User], neutral: dict[str, dict[str, Any]], *,
+    done: set[str] = frozenset(), selected: dict[str, list[int]] | None = None, insights: dict[str, str] | None = None,
+    sink: Callable[[BlockResult], None] | None = None, progress: bool = False,
+) -> BlockResult:
+    """Pairs of one block of users (steps 1–2, 4–5 of the module docstring).
+
+    Args:
+        neutral: the neutral answers of (at least) ``job.neutral_needed(block)``.
+        done: keys already written or dropped (a resumed block regenerates only its other batches).
+        selected, insights: those the block's users already have (from an interrupted run); the
+            others are computed here.
+        sink: called with each part of the result as soon as it exists (first the selections and
+            insights, then each batch's pairs), so a single process can write as it goes; the
+            returned result holds all parts.
+    """
+    selected, insights = dict(selected or {}), dict(insights or {})
+    settings, templates = job.settings, job.templates
+    pending = [u for u in block if u.user_id not in insights]
+    if pending:  # 1-2. Representative items and insights, batched across the block's users.
+        texts = [h.text for u in pending for h in u.history]
+        reps = text_representations(model, tokenizer, texts, job.layer, settings.batch_size)
+        start = 0
+        for user in pending:
+            selected[user.user_id] = select_representative(reps[start:start + len(user.history)], job.k)
+            start += len(user.history)
+        conversations = [templates.insight(user, selected[user.user_id]) for user in pending]
+        insight_settings = replace(settings, max_new_tokens=max(settings.max_new_tokens, 96))
+        for user, result in zip(pending, generate_chat(model, tokenizer, conversations, insight_settings, progress=False)):
+            insights[user.user_id] = _first_sentences(result.text, 2)
+    block_selected = {u.user_id: selected[u.user_id] for u in block}
+    block_insights = {u.user_id: insights[u.user_id] for u in block}
+    if sink is not None:
+        sink(BlockResult(block_selected, block_insights, [], {}))
+
+    def neutral_of(prompt: str) -> Generated:
+        entry = neutral[prompt]
+        return Generated(entry["text"], entry["finished"], entry["n_tokens"])
+
+    # 4. Personalised answers: the same batches on every run, so a rerun regenerates exactly what is missing.
+    users_by_id = {u.user_id: u for u in block}
+    tasks = [(u.user_id, p) for u in block for p in job.prompts]
+    kept: list[Pair] = []
+    dropped: dict[str, str] = {}
+    for _, batch in tqdm(list(chunks(tasks, settings.batch_size)), desc="personalised", unit="batch", disable=not progress):
+        if all(_key_string((uid, p, SELF_GENERATED)) in done for uid, p in batch):
+            continue
+        conversations = [templates.personalized(users_by_id[uid], selected[uid], insights[uid], p) for uid, p in batch]
+        # Every message but the request is the user's shared prefix: its KV cache is computed once per batch.
+        results = generate_chat(model, tokenizer, conversations, settings, progress=False, prefix_messages=[len(c) - 1 for c in conversations])
+        candidates = [
+            (Pair(uid, p, r.text, neutral_of(p).text, insights[uid], SELF_GENERATED, job.run_settings), r, neutral_of(p))
+            for (uid, p), r in zip(batch, results) if _key_string((uid, p, SELF_GENERATED)) not in done
+        ]
+        batch_kept, batch_dropped = _filter(model, tokenizer, candidates, job.layer, job.near_duplicate, settings.batch_size, job.truncated)
+        kept += batch_kept
+        dropped.update(batch_dropped)
+        if sink is not None:
+            sink(BlockResult({}, {}, batch_kept, batch_dropped))
+
+    # 5. Real-history (StyleVector) pairs: the user's own text vs the neutral answer to its prompt.
+    if job.real_history:
+        candidates = []
+        for user in block:
+            for item in user.history:
+                if item.prompt is None:
+                    continue
+                pair = Pair(user.user_id, item.prompt, item.text, neutral_of(item.prompt).text, insights[user.user_id], REAL_HISTORY, job.run_settings)
+                if _key_string(pair.key) not in done and all(c[0].key != pair.key for c in candidates):
+                    candidates.append((pair, Generated(item.text, True, 0), neutral_of(item.prompt)))
+        if candidates:
+            batch_kept, batch_dropped = _filter(model, tokenizer, candidates, job.layer, job.near_duplicate, settings.batch_size, job.truncated)
+            kept += batch_kept
+            dropped.update(batch_dropped)
+            if sink is not None:
+                sink(BlockResult({}, {}, batch_kept, batch_dropped))
+    return BlockResult(block_selected, block_insights, kept, dropped)
+
+
 def generate(
     model,
     tokenizer,
@@ -297,6 +487,7 @@ def generate(
     real_history: bool = True,
     truncated: str = "drop",
     layer: int | None = None,
+    users_per_block: int = 8,
     progress: bool = True,
 ) -> list[Pair]:
     """Generate preference pairs for every user and prompt (see the module docstring).
@@ -311,102 +502,31 @@ def generate(
             hidden states (at ``layer``) exceeds this, or when their texts are equal.
         real_history: also make real-history pairs from history items that have a ``prompt``.
         truncated: what to do with a response cut at ``settings.max_new_tokens``: ``"drop"`` the pair,
-            or ``"trim"`` the response back to its last complete sentence (dropped if none is left).
+            ``"trim"`` the response back to its last complete sentence (dropped if none is left), or
+            ``"keep"`` it as it is.
         layer: the ``resid_post`` layer used for selection and de-duplication (default: middle).
+        users_per_block: users whose insights and answers are batched together; the unit of work
+            that ``repedit.scale`` hands to a worker (the same blocks give the same pairs).
 
     Returns:
         Every pair of the job (also those written by an earlier, interrupted run), in output order.
     """
-    if not users:
-        raise InputError("no users given")
-    if not prompts:
-        raise InputError("no prompts given: the prompt set is empty")
-    ids = [u.user_id for u in users]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        raise InputError(f"duplicate user ids: {', '.join(duplicates)}")
-    if len(set(prompts)) != len(prompts):
-        raise InputError("duplicate prompts in the prompt set (pairs are keyed by user and prompt)")
-    if k < 1:
-        raise InputError(f"k must be at least 1, got {k}")
-    if truncated not in ("drop", "trim"):
-        raise InputError(f"truncated must be 'drop' or 'trim', got {truncated!r}")
-    from ..model.arch import get_adapter
-
-    layer = get_adapter(model).n_layers // 2 if layer is None else layer
-    fingerprint = model_fingerprint(model)
-    run_settings = {
-        "model": fingerprint, "k": k, "layer": layer, "near_duplicate": near_duplicate, "truncated": truncated,
-        **settings.to_dict(), "templates": sha256_of(asdict(templates))[:12],
-    }
-    config_key = sha256_of({
-        "settings": run_settings, "prompts": list(prompts), "real_history": real_history,
-        "users": [[u.user_id, [h.text for h in u.history], [h.prompt for h in u.history], u.profile] for u in users],
-    })
-    output = _Output(Path(out) if out is not None else None, config_key)
+    job = plan_job(model, users, prompts, k=k, settings=settings, templates=templates, near_duplicate=near_duplicate,
+                   real_history=real_history, truncated=truncated, layer=layer, users_per_block=users_per_block)
+    output = PairsOutput(Path(out) if out is not None else None, job.config_key)
     state = output.state
-
-    # 1-2. Representative items and insights, for users that have none yet (batched across users).
-    pending = [u for u in users if u.user_id not in state["insights"]]
-    if pending:
-        texts = [h.text for u in pending for h in u.history]
-        reps = text_representations(model, tokenizer, texts, layer, settings.batch_size)
-        start = 0
-        for user in pending:
-            state["selected"][user.user_id] = select_representative(reps[start:start + len(user.history)], k)
-            start += len(user.history)
-        conversations = [templates.insight(user, state["selected"][user.user_id]) for user in pending]
-        insight_settings = replace(settings, max_new_tokens=max(settings.max_new_tokens, 96))
-        for user, result in zip(pending, generate_chat(model, tokenizer, conversations, insight_settings, progress=progress, desc="insights")):
-            state["insights"][user.user_id] = _first_sentences(result.text, 2)
-        output.save_state()
-
     # 3. Neutral answers, once per prompt (and per history prompt for real-history pairs).
-    needed = list(dict.fromkeys(list(prompts) + ([h.prompt for u in users for h in u.history if h.prompt] if real_history else [])))
-    missing = [p for p in needed if p not in state["neutral"]]
+    missing = [p for p in job.neutral_needed(users) if p not in state["neutral"]]
     for _, batch in tqdm(list(chunks(missing, settings.batch_size)), desc="neutral", unit="batch", disable=not progress):
-        results = generate_chat(model, tokenizer, [templates.neutral(p) for p in batch], settings, progress=False)
-        for prompt, result in zip(batch, results):
-            state["neutral"][prompt] = {"text": result.text, "finished": result.finished, "n_tokens": result.n_tokens}
+        state["neutral"].update(neutral_answers(model, tokenizer, job, batch))
         output.save_state()
-
-    def neutral(prompt: str) -> Generated:
-        entry = state["neutral"][prompt]
-        return Generated(entry["text"], entry["finished"], entry["n_tokens"])
-
-    # 4. Personalised answers: the same batches on every run, so a rerun regenerates exactly what is missing.
-    users_by_id = {u.user_id: u for u in users}
-    tasks = [(u.user_id, p) for u in users for p in prompts]
-    for _, batch in tqdm(list(chunks(tasks, settings.batch_size)), desc="personalised", unit="batch", disable=not progress):
+    blocks = [block for _, block in chunks(list(users), users_per_block)]
+    for block in tqdm(blocks, desc="users", unit="block", disable=not progress):
         done = output.done
-        if all(_key_string((uid, p, SELF_GENERATED)) in done for uid, p in batch):
+        if job.block_keys(block) <= done:
             continue
-        conversations = [
-            templates.personalized(users_by_id[uid], state["selected"][uid], state["insights"][uid], p) for uid, p in batch
-        ]
-        # Every message but the request is the user's shared prefix: its KV cache is computed once per batch.
-        results = generate_chat(model, tokenizer, conversations, settings, progress=False, prefix_messages=[len(c) - 1 for c in conversations])
-        candidates = [
-            (Pair(uid, p, r.text, neutral(p).text, state["insights"][uid], SELF_GENERATED, run_settings), r, neutral(p))
-            for (uid, p), r in zip(batch, results) if _key_string((uid, p, SELF_GENERATED)) not in done
-        ]
-        kept, dropped = _filter(model, tokenizer, candidates, layer, near_duplicate, settings.batch_size, truncated)
-        output.append(kept, dropped)
-
-    # 5. Real-history (StyleVector) pairs: the user's own text vs the neutral answer to its prompt.
-    if real_history:
-        done = output.done
-        candidates = []
-        for user in users:
-            for item in user.history:
-                if item.prompt is None:
-                    continue
-                pair = Pair(user.user_id, item.prompt, item.text, neutral(item.prompt).text, state["insights"][user.user_id], REAL_HISTORY, run_settings)
-                if _key_string(pair.key) not in done and all(c[0].key != pair.key for c in candidates):
-                    candidates.append((pair, Generated(item.text, True, 0), neutral(item.prompt)))
-        if candidates:
-            kept, dropped = _filter(model, tokenizer, candidates, layer, near_duplicate, settings.batch_size, truncated)
-            output.append(kept, dropped)
+        user_block_pairs(model, tokenizer, job, block, state["neutral"], done=done, selected=state["selected"],
+                         insights=state["insights"], sink=output.append_block)
     return list(output.pairs)
 
 

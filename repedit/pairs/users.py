@@ -45,7 +45,8 @@ class User:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
-def _parse_user(obj: Any, where: str) -> User:
+def parse_user(obj: Any, where: str) -> User:
+    """One user from a parsed JSON object (format in the module docstring); errors start with ``where``."""
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object for a user, got {type(obj).__name__}")
     user_id = obj.get("user_id")
@@ -87,7 +88,7 @@ def read_users(path: str | Path) -> list[User]:
     seen: dict[str, int] = {}
     for line_number, obj in read_jsonl(path):
         where = f"{path}:{line_number}"
-        user = _parse_user(obj, where)
+        user = parse_user(obj, where)
         if user.user_id in seen:
             raise InputError(f"{where}: duplicate user_id {user.user_id!r} (first defined on line {seen[user.user_id]})")
         seen[user.user_id] = line_number

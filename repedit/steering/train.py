@@ -77,6 +77,10 @@ class TrainSettings:
     batch_size: int = 16
     max_tokens: int = 256
     seed: int = 0
+    # Steps of every epoch (each a row per active user); None: the most training items of any user
+    # trained here. A scaled-out run sets that of *all* users, so a user's schedule — and edit — does
+    # not depend on which users share its worker.
+    steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TRAIN_KINDS:
@@ -317,11 +321,13 @@ def train_user_edits(
         active = list(range(len(users)))
         history = [{"user_id": users[i], "epoch": 0, "train_nll": float("nan"), "train_kl": float("nan"), "val_nll": init_val[i]} for i in active]
         order = {i: _user_generator(settings.seed, users[i]) for i in active}
+        steps = settings.steps_per_epoch or max(len(items) for items in train_items.values())
+        # Each user walks the neutral texts from its own offset (a hash of its id, not its place in this batch).
+        offset = {i: int(hashlib.sha256(users[i].encode()).hexdigest()[:8], 16) for i in active}
         bar = tqdm(total=settings.epochs, desc=f"train {settings.kind} edits ({len(users)} users)", unit="epoch", disable=not progress)
         for epoch in range(1, settings.epochs + 1):
             if not active:
                 break
-            steps = max(len(train_items[i]) for i in active)
             perms = {i: torch.randperm(len(train_items[i]), generator=order[i]).tolist() for i in active}
             sums = {i: [0.0, 0.0] for i in active}
             for step in range(steps):
@@ -330,7 +336,7 @@ def train_user_edits(
                 for i in active:
                     rows.append(("nll", i, train_items[i][perms[i][step % len(perms[i])]]))
                     if settings.kl_weight > 0:
-                        j = (epoch * steps + step + i) % len(neutral_items)
+                        j = (epoch * steps + step + offset[i]) % len(neutral_items)
                         rows.append(("kl", i, j))
                     if pref_items.get(i):
                         j = (epoch * steps + step) % len(pref_items[i])
@@ -467,3 +473,9 @@ def _step(model, rows, tables: _Tables, neutral_items, neutral_reference, pref_i
         if loss.requires_grad:
             loss.backward(retain_graph=bool(pending))
     return {u: (t[0], t[1], t[2]) for u, t in stats.items()}
+
+
+def most_training_items(pairs: Sequence[Pair], val_items: int) -> int:
+    """The most training items any user of ``pairs`` has (the default ``steps_per_epoch`` of training them all together)."""
+    users, train, _ = _split_users(pairs, val_items)
+    return max((len(train[u]) for u in users), default=1)

@@ -10,7 +10,8 @@ from conftest import write_pairs_jsonl
 
 from repedit.capture.embedding import Embedder, minilm_available, minilm_embedder, model_embedder
 from repedit.cli.main import main
-from repedit.evaluate.evaluation import Evaluation, eval_inputs, evaluate_users, generate_with_edits
+from repedit.evaluate.conditions import generate_with_edits
+from repedit.evaluate.evaluation import Evaluation, eval_inputs, evaluate_users
 from repedit.evaluate.measures import StyleAttributor
 from repedit.evaluate.scoring import response_logprobs
 from repedit.io import InputError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..pairs.synthesis import DEFAULT_SETTINGS as PAIR_SETTINGS
-from .common import add_model_argument
+from .common import add_input_limits, add_model_argument
 
 
 def _pairs(args: argparse.Namespace) -> None:
@@ -14,12 +14,13 @@ def _pairs(args: argparse.Namespace) -> None:
     from ..pairs.synthesis import generate
     from ..pairs.users import demo_prompts_path, demo_users_path, read_prompts, read_users
 
-    users = read_users(demo_users_path() if args.users == "demo" else args.users)[: args.max_users]
+    users = read_users(demo_users_path() if args.users == "demo" else args.users, max_text_chars=args.max_text_chars or None,
+                       max_items=args.max_history_items or None)[: args.max_users]
     if args.hold_out:
         from ..pairs.users import split_history
 
         users, _ = split_history(users, args.hold_out)  # keep them unseen for `repedit eval --hold-out`
-    prompts = read_prompts(demo_prompts_path() if args.prompts == "demo" else args.prompts)[: args.max_prompts]
+    prompts = read_prompts(demo_prompts_path() if args.prompts == "demo" else args.prompts, max_chars=args.max_prompt_chars or None)[: args.max_prompts]
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
         seed=args.seed, batch_size=args.batch_size, repetition_penalty=args.repetition_penalty,
@@ -74,6 +75,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     pairs.add_argument("--hold-out", type=int, default=0, help="leave each user's last N history items with a prompt out (for repedit eval)")
     pairs.add_argument("--max-users", type=int, default=None, help="use only the first N users")
     pairs.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    add_input_limits(pairs)
     pairs.set_defaults(run=_pairs)
     lamp = commands.add_parser("lamp", help="LaMP benchmark files: convert to users/items JSONL, score predictions with the official metrics")
     lamp_sub = lamp.add_subparsers(dest="lamp_command", required=True)

@@ -17,6 +17,20 @@ torch.set_num_threads(int(os.environ.get("REPEDIT_TEST_THREADS", "1")))
 
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The corruption suite's count of cases (tests/test_corruption.py), per file kind."""
+    import sys
+
+    outcomes = next((o for m in list(sys.modules.values()) if isinstance(o := getattr(m, "CORRUPTION_OUTCOMES", None), list) and o), None)
+    if outcomes:
+        kinds: dict[str, list[int]] = {}
+        for kind, _, ok in outcomes:
+            kinds.setdefault(kind, [0, 0])[0 if ok else 1] += 1
+        named = sum(v[0] for v in kinds.values())
+        terminalreporter.write_line(f"corruption suite: {len(outcomes)} damaged-file cases, {named} named errors with exit 2 and no traceback, "
+                                    f"{len(outcomes) - named} other; " + ", ".join(f"{k} {v[0]}/{sum(v)}" for k, v in kinds.items()))
+
+
 @pytest.fixture(autouse=True)
 def _one_blas_thread():
     """One BLAS thread too (numpy/scikit-learn): on 2 shared cores, OpenBLAS's second thread spin-waits

@@ -41,3 +41,16 @@ def ray_if_asked(args: argparse.Namespace) -> ContextManager[Any]:
     from ..scale import ray_session
 
     return ray_session(args.ray, num_cpus=args.ray_cpus)
+
+
+def add_input_limits(parser: argparse.ArgumentParser) -> None:
+    """Add ``--max-text-chars``, ``--max-history-items`` and ``--max-prompt-chars`` (rules in
+    :mod:`repedit.pairs.users`; 0 lifts a limit)."""
+    from ..pairs.users import MAX_HISTORY_ITEMS, MAX_PROMPT_CHARS, MAX_TEXT_CHARS
+
+    parser.add_argument("--max-text-chars", type=int, default=MAX_TEXT_CHARS,
+                        help=f"history texts/prompts longer than this are truncated, with a warning (default {MAX_TEXT_CHARS}; 0 = no limit)")
+    parser.add_argument("--max-history-items", type=int, default=MAX_HISTORY_ITEMS,
+                        help=f"users with more history items keep their latest N, with a warning (default {MAX_HISTORY_ITEMS}; 0 = no limit)")
+    parser.add_argument("--max-prompt-chars", type=int, default=MAX_PROMPT_CHARS,
+                        help=f"a longer prompt in the prompts file is refused (default {MAX_PROMPT_CHARS}; 0 = no limit)")

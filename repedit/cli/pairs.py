@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..pairs.synthesis import DEFAULT_SETTINGS as PAIR_SETTINGS
-from .common import add_model_argument, add_ray_arguments, ray_if_asked
+from .common import add_input_limits, add_model_argument, add_ray_arguments, ray_if_asked
 
 
 def _pairs(args: argparse.Namespace) -> None:
@@ -19,17 +19,18 @@ def _run_pairs(args: argparse.Namespace, on_ray: bool) -> None:
     from ..pairs.synthesis import generate
     from ..pairs.users import demo_prompts_path, demo_users_path, read_prompts, read_users
 
+    limits = dict(max_text_chars=args.max_text_chars or None, max_items=args.max_history_items or None)
     if on_ray and args.users != "demo":
         from ..scale import read_users_dataset
 
-        users = read_users_dataset(args.users)[: args.max_users]  # Ray Data: Parquet or JSONL
+        users = read_users_dataset(args.users, **limits)[: args.max_users]  # Ray Data: Parquet or JSONL
     else:
-        users = read_users(demo_users_path() if args.users == "demo" else args.users)[: args.max_users]
+        users = read_users(demo_users_path() if args.users == "demo" else args.users, **limits)[: args.max_users]
     if args.hold_out:
         from ..pairs.users import split_history
 
         users, _ = split_history(users, args.hold_out)  # keep them unseen for `repedit eval --hold-out`
-    prompts = read_prompts(demo_prompts_path() if args.prompts == "demo" else args.prompts)[: args.max_prompts]
+    prompts = read_prompts(demo_prompts_path() if args.prompts == "demo" else args.prompts, max_chars=args.max_prompt_chars or None)[: args.max_prompts]
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
         seed=args.seed, batch_size=args.batch_size, repetition_penalty=args.repetition_penalty,
@@ -89,6 +90,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     pairs.add_argument("--hold-out", type=int, default=0, help="leave each user's last N history items with a prompt out (for repedit eval)")
     pairs.add_argument("--max-users", type=int, default=None, help="use only the first N users")
     pairs.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    add_input_limits(pairs)
     add_ray_arguments(pairs, unit="--users-per-block", unit_help="users whose insights and answers are batched together: "
                       "the unit of work of a worker and of resuming (default 8)")
     pairs.set_defaults(run=_pairs)

@@ -17,7 +17,6 @@ restarted job regenerates exactly what is missing — no pair lost or duplicated
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 import json
 import os
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..capture.activations import capture
 from ..capture.embedding import text_representations
-from ..io import InputError, read_json, read_jsonl, sha256_of, write_json
+from ..io import InputError, check_user_id, expect, read_csv, read_json, read_jsonl, remove_stale_temps, sha256_of, write_json
 from ..model.generation import Generated, GenerationSettings, generate_chat
 from ..model.inputs import chunks
 from ..model.loading import model_fingerprint
@@ -177,14 +176,16 @@ class PairsOutput:
         if path is None:
             return
         self.state_path = path.with_name(path.name + ".state.json")
+        for leftover in (path, self.state_path):  # temporary files of a write killed before its rename (one job per --out)
+            remove_stale_temps(leftover)
         if self.state_path.exists():
-            state = read_json(self.state_path)
+            state = read_json(self.state_path, dict)
             if state.get("config") != config_key:
                 raise InputError(
                     f"{path}: this output was started with other inputs, model or settings; "
                     "use a new --out path or delete it and its .state.json to start over"
                 )
-            self.state = state
+            self.state = _check_state(state, self.state_path)
         if path.exists():
             self._repair()
             for line_number, obj in read_jsonl(path):
@@ -228,12 +229,47 @@ class PairsOutput:
         self.append(result.pairs, result.dropped)
 
 
+def _pair_user(user_id: Any, where: str) -> str:
+    """A pair's user id: absent or empty means ``"default"``; otherwise a valid user id, matched in full."""
+    if user_id is None or user_id == "":
+        return "default"
+    if not isinstance(user_id, str):
+        raise InputError(f"{where}: field 'user_id': expected a string, got {type(user_id).__name__} {user_id!r}", field="user_id")
+    try:
+        return check_user_id(user_id)
+    except InputError as err:
+        raise InputError(f"{where}: field 'user_id': {err}", field="user_id") from None
+
+
+def _check_state(state: Any, path: Path) -> dict[str, Any]:
+    """The types of a ``<out>.state.json`` (written by this module); a damaged one names the field."""
+    expect(state, dict, str(path), path=path)
+    for name in ("selected", "insights", "neutral", "dropped"):
+        expect(state.get(name), dict, f"{path}: field {name!r}", path=path, field=name)
+    for user, text in state["insights"].items():
+        expect(text, str, f"{path}: field 'insights[{user!r}]'", path=path, field="insights")
+    for user, chosen in state["selected"].items():
+        expect(chosen, list, f"{path}: field 'selected[{user!r}]'", path=path, field="selected")
+        for i in chosen:
+            expect(i, int, f"{path}: field 'selected[{user!r}]' item", path=path, field="selected")
+    for prompt, entry in state["neutral"].items():
+        where = f"{path}: field 'neutral[{prompt[:40]!r}]'"
+        expect(entry, dict, where, path=path, field="neutral")
+        expect(entry.get("text"), str, f"{where}.text", path=path, field="neutral")
+        expect(entry.get("finished"), bool, f"{where}.finished", path=path, field="neutral")
+        expect(entry.get("n_tokens"), int, f"{where}.n_tokens", path=path, field="neutral")
+    for key, reason in state["dropped"].items():
+        expect(reason, str, f"{path}: field 'dropped[{key[:40]!r}]'", path=path, field="dropped")
+    return state
+
+
 def _pair_from_dict(obj: Any, where: str) -> Pair:
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object for a pair")
     for name in ("user_id", "prompt", "personalized", "neutral"):
         if not isinstance(obj.get(name), str):
             raise InputError(f"{where}: missing or non-string field {name!r}")
+    _pair_user(obj["user_id"], where)
     return Pair(
         obj["user_id"], obj["prompt"], obj["personalized"], obj["neutral"], obj.get("insights", "") or "",
         obj.get("source", SELF_GENERATED), obj.get("settings", {}) or {},
@@ -539,12 +575,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
     path = Path(path)
     rows: list[tuple[str, dict[str, Any]]] = []
     if path.suffix.lower() == ".csv":
-        if not path.exists():
-            raise InputError(f"{path}: file not found")
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            for row in reader:
-                rows.append((f"{path}:{reader.line_num}", dict(row)))
+        rows = [(f"{path}:{n}", row) for n, row in read_csv(path)]
     else:
         rows = [(f"{path}:{n}", obj) for n, obj in read_jsonl(path)]
     pairs = []
@@ -561,7 +592,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
             if not isinstance(value, str) or not value.strip():
                 raise InputError(f"{where}: missing or empty field {name!r} (expected 'personalized'/'neutral' or 'positive'/'negative')")
         pairs.append(Pair(
-            str(obj.get("user_id") or "default"), str(obj.get("prompt") or ""), positive, negative,
+            _pair_user(obj.get("user_id"), where), str(obj.get("prompt") or ""), positive, negative,
             str(obj.get("insights") or ""), str(obj.get("source") or "user-provided"),
             obj.get("settings") if isinstance(obj.get("settings"), dict) else {},
         ))

@@ -12,16 +12,29 @@
 
 **Prompt set** — a ``.txt`` file with one prompt per line, or JSONL where each line is a JSON string
 or an object with a ``prompt`` field (an ``id`` field is kept if present).
+
+**Input limits**, applied while reading, before any tokenising or generating (so a 10 MB history item
+costs no more than a short one): a history item's ``text`` or ``prompt`` longer than
+``max_text_chars`` (:data:`MAX_TEXT_CHARS`) is cut to that many characters, and a user with more than
+``max_items`` (:data:`MAX_HISTORY_ITEMS`) history items keeps the latest ones — both with one warning
+per file naming the first case; a prompt of the prompt set longer than ``max_chars``
+(:data:`MAX_PROMPT_CHARS`) is refused (prompts key the pairs, so they are never changed silently).
+``None`` lifts a limit. User ids must be valid store names (:func:`repedit.io.check_user_id`, matched in full).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from ..io import InputError, read_jsonl
+from ..io import InputError, check_user_id, read_jsonl, read_text
+
+MAX_TEXT_CHARS = 4000
+MAX_HISTORY_ITEMS = 1000
+MAX_PROMPT_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -45,22 +58,54 @@ class User:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
-def parse_user(obj: Any, where: str) -> User:
-    """One user from a parsed JSON object (format in the module docstring); errors start with ``where``."""
+class InputCuts:
+    """Collects what the limits cut while a file is read, for one warning at the end."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.users: list[str] = []
+
+    def text(self, value: str, limit: int | None, where: str) -> str:
+        if limit is not None and len(value) > limit:
+            self.texts.append(f"{where} ({len(value)} characters)")
+            return value[:limit]
+        return value
+
+    def warn(self, path, max_text_chars: int | None, max_items: int | None) -> None:
+        if self.texts:
+            warnings.warn(f"{path}: {len(self.texts)} history texts/prompts longer than {max_text_chars} characters were truncated to it "
+                          f"(first: {self.texts[0]}); set the limit with max_text_chars / --max-text-chars", stacklevel=3)
+        if self.users:
+            warnings.warn(f"{path}: {len(self.users)} users have more than {max_items} history items and keep only their latest {max_items} "
+                          f"(first: {self.users[0]}); set the limit with max_items / --max-history-items", stacklevel=3)
+
+
+def parse_user(obj: Any, where: str, max_text_chars: int | None = None, max_items: int | None = None, cuts: InputCuts | None = None) -> User:
+    """One user from a parsed JSON object (format in the module docstring); errors start with ``where``;
+    texts and items over the limits are cut and recorded in ``cuts``."""
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object for a user, got {type(obj).__name__}")
     user_id = obj.get("user_id")
     if user_id is None:
         raise InputError(f"{where}: missing field 'user_id'")
     if not isinstance(user_id, str) or not user_id.strip():
-        raise InputError(f"{where}: field 'user_id' must be a non-empty string, got {user_id!r}")
+        raise InputError(f"{where}: field 'user_id' must be a non-empty string, got {user_id!r}", field="user_id")
+    try:
+        check_user_id(user_id)
+    except InputError as err:
+        raise InputError(f"{where}: field 'user_id': {err}", field="user_id") from None
     history = obj.get("history")
     if not isinstance(history, list):
         raise InputError(f"{where}: user {user_id!r}: field 'history' must be a list of items")
     if not history:
         raise InputError(f"{where}: user {user_id!r}: field 'history' is empty (at least one item is needed)")
+    cuts = cuts or InputCuts()
+    first = 0
+    if max_items is not None and len(history) > max_items:
+        first = len(history) - max_items
+        cuts.users.append(f"{where} user {user_id!r}, {len(history)} items")
     items = []
-    for index, item in enumerate(history):
+    for index, item in enumerate(history[first:], start=first):
         if isinstance(item, str):
             item = {"text": item}
         if not isinstance(item, dict):
@@ -74,7 +119,9 @@ def parse_user(obj: Any, where: str) -> User:
         rating = item.get("rating")
         if rating is not None and not isinstance(rating, (int, float)):
             raise InputError(f"{where}: user {user_id!r}: history[{index}].rating must be a number, got {rating!r}")
-        items.append(HistoryItem(text.strip(), prompt.strip() if prompt else None, item.get("label"), rating, item.get("timestamp")))
+        text = cuts.text(text.strip(), max_text_chars, f"{where} user {user_id!r} history[{index}].text")
+        prompt = cuts.text(prompt.strip(), max_text_chars, f"{where} user {user_id!r} history[{index}].prompt") if prompt else None
+        items.append(HistoryItem(text, prompt, item.get("label"), rating, item.get("timestamp")))
     profile = obj.get("profile")
     if profile is not None and not isinstance(profile, str):
         raise InputError(f"{where}: user {user_id!r}: field 'profile' must be a string")
@@ -82,26 +129,29 @@ def parse_user(obj: Any, where: str) -> User:
     return User(user_id, tuple(items), profile, extra)
 
 
-def read_users(path: str | Path) -> list[User]:
-    """Read users from JSONL (format in the module docstring); errors name ``file:line`` and the field."""
+def read_users(path: str | Path, *, max_text_chars: int | None = MAX_TEXT_CHARS, max_items: int | None = MAX_HISTORY_ITEMS) -> list[User]:
+    """Read users from JSONL (format and limits in the module docstring); errors name ``file:line`` and the field."""
     users: list[User] = []
     seen: dict[str, int] = {}
+    cuts = InputCuts()
     for line_number, obj in read_jsonl(path):
         where = f"{path}:{line_number}"
-        user = parse_user(obj, where)
+        user = parse_user(obj, where, max_text_chars, max_items, cuts)
         if user.user_id in seen:
             raise InputError(f"{where}: duplicate user_id {user.user_id!r} (first defined on line {seen[user.user_id]})")
         seen[user.user_id] = line_number
         users.append(user)
     if not users:
         raise InputError(f"{path}: no users (the file is empty)")
+    cuts.warn(path, max_text_chars, max_items)
     return users
 
 
-def read_prompts(path: str | Path) -> list[str]:
+def read_prompts(path: str | Path, *, max_chars: int | None = MAX_PROMPT_CHARS) -> list[str]:
     """Read a prompt set: ``.jsonl`` (strings or objects with ``prompt``) or plain text, one per line.
 
-    Duplicate prompts are an error (pairs are keyed by user and prompt); so is an empty file.
+    Duplicate prompts are an error (pairs are keyed by user and prompt); so is an empty file, and a
+    prompt longer than ``max_chars`` (``None``: no limit).
     """
     path = Path(path)
     prompts: list[tuple[str, str]] = []
@@ -115,11 +165,13 @@ def read_prompts(path: str | Path) -> list[str]:
                 raise InputError(f"{where}: a prompt must be a non-empty string")
             prompts.append((where, prompt.strip()))
     else:
-        if not path.exists():
-            raise InputError(f"{path}: file not found")
-        for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for line_number, line in enumerate(read_text(path).splitlines(), start=1):
             if line.strip():
                 prompts.append((f"{path}:{line_number}", line.strip()))
+    for where, prompt in prompts:
+        if max_chars is not None and len(prompt) > max_chars:
+            raise InputError(f"{where}: the prompt has {len(prompt)} characters, more than the limit of {max_chars}; "
+                             "shorten it or raise the limit (max_chars / --max-prompt-chars)")
     if not prompts:
         raise InputError(f"{path}: the prompts file is empty (one prompt per line is expected)")
     seen: dict[str, str] = {}

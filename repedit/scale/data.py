@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..io import InputError
-from ..pairs.users import User, parse_user
+from ..pairs.users import MAX_HISTORY_ITEMS, MAX_TEXT_CHARS, InputCuts, User, parse_user
 from .runtime import import_ray
 
 
@@ -26,8 +26,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def iter_users_dataset(path: str | Path) -> Iterator[User]:
-    """Users of ``path`` one by one, read with Ray Data (needs a connected Ray, :func:`repedit.scale.ray_session`)."""
+def iter_users_dataset(path: str | Path, *, max_text_chars: int | None = MAX_TEXT_CHARS, max_items: int | None = MAX_HISTORY_ITEMS,
+                       cuts: InputCuts | None = None) -> Iterator[User]:
+    """Users of ``path`` one by one, read with Ray Data (needs a connected Ray, :func:`repedit.scale.ray_session`);
+    the limits as :func:`repedit.pairs.users.read_users` (what they cut is recorded in ``cuts``)."""
+    cuts = cuts if cuts is not None else InputCuts()
     ray = import_ray()
     path = Path(path)
     if not path.exists():
@@ -37,7 +40,7 @@ def iter_users_dataset(path: str | Path) -> Iterator[User]:
     parquet = path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet")))
     if parquet:
         for number, row in enumerate(ray.data.read_parquet(str(path)).iter_rows(), start=1):
-            yield parse_user(_plain(row), f"{path}: row {number}")
+            yield parse_user(_plain(row), f"{path}: row {number}", max_text_chars, max_items, cuts)
         return
     for number, row in enumerate(ray.data.read_text(str(path), drop_empty_lines=False).iter_rows(), start=1):
         line = row["text"]
@@ -47,18 +50,22 @@ def iter_users_dataset(path: str | Path) -> Iterator[User]:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise InputError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
-        yield parse_user(obj, f"{path}:{number}")
+        yield parse_user(obj, f"{path}:{number}", max_text_chars, max_items, cuts)
 
 
-def read_users_dataset(path: str | Path) -> list[User]:
-    """All users of a Parquet or JSONL users file (:func:`iter_users_dataset`); duplicate ids are an error."""
+def read_users_dataset(path: str | Path, *, max_text_chars: int | None = MAX_TEXT_CHARS,
+                       max_items: int | None = MAX_HISTORY_ITEMS) -> list[User]:
+    """All users of a Parquet or JSONL users file (:func:`iter_users_dataset`); duplicate ids are an
+    error; one warning names what the limits cut."""
     users: list[User] = []
     seen: set[str] = set()
-    for user in iter_users_dataset(path):
+    cuts = InputCuts()
+    for user in iter_users_dataset(path, max_text_chars=max_text_chars, max_items=max_items, cuts=cuts):
         if user.user_id in seen:
             raise InputError(f"{path}: duplicate user_id {user.user_id!r}")
         seen.add(user.user_id)
         users.append(user)
     if not users:
         raise InputError(f"{path}: no users (the file is empty)")
+    cuts.warn(path, max_text_chars, max_items)
     return users

@@ -125,7 +125,8 @@ class _RequestChecks:
         return decode_json_body(b"".join(parts), self.config.limits)
 
     def resolve_edit(self, chat: ChatRequest, allowed: frozenset[str] | None):
-        """The user's edit, ``None`` for unsteered; 403 / 404 / 500 as documented."""
+        """The user's edit, ``None`` for unsteered; 403 (token), 404 (no such user), 422 (the user's stored edit is
+        damaged or does not fit the model: named in the answer, its file in the log; other users are unaffected)."""
         if chat.user is None:
             return None
         if allowed is not None and chat.user not in allowed:
@@ -139,7 +140,11 @@ class _RequestChecks:
                 return None
             raise APIError(404, f"{err}; send \"unknown_user\": \"unsteered\" to answer unsteered instead", type="not_found_error", code="user_not_found", param="user") from None
         except InputError as err:
-            raise APIError(500, f"the stored edit for user {chat.user!r} cannot be used with this model: {err}", type="server_error", code="edit_unusable") from None
+            # A damaged or unsuitable user file fails this user's requests only: a 422 naming the user; the file goes to the log.
+            log.warning("user %r: stored edit unusable (%s): %s", chat.user, err.path or "store", err)
+            reason = str(err).replace(str(self.store.directory), "<store>") if self.store is not None else str(err)
+            raise APIError(422, f"the stored edit for user {chat.user!r} is damaged or cannot be used with this model (the server log names "
+                                f"the file): {reason}", code="user_edit_unusable", param="user") from None
 
     def prompt_ids(self, chat: ChatRequest) -> list[int]:
         try:
@@ -168,6 +173,10 @@ def create_app(model, tokenizer, store: VectorStore | str | Path | None, config:
                               prefill_chunk=config.prefill_chunk, long_prefill_share=config.long_prefill_share)
     fingerprint = model_fingerprint(model) if model is not None else f"vllm:{Path(str(getattr(engine, 'model_path', 'model'))).name}"
     checks = _RequestChecks(model, tokenizer, store, config)
+    if model is not None and store is not None:
+        from ..model.norms import residual_scale
+
+        residual_scale(model)  # measured now, before the engine owns the model: loaded edits are checked against it
 
     @asynccontextmanager
     async def lifespan(app) -> AsyncIterator[None]:
@@ -226,7 +235,7 @@ def create_app(model, tokenizer, store: VectorStore | str | Path | None, config:
         if chat.model != config.model_name:
             raise APIError(404, f"model {chat.model!r} not found; this server serves {config.model_name!r}", type="not_found_error", code="model_not_found", param="model")
         edit = await run_in_threadpool(checks.resolve_edit, chat, allowed)
-        ids = checks.prompt_ids(chat)
+        ids = await run_in_threadpool(checks.prompt_ids, chat)  # tokenising a long prompt must not block other requests
         params = SamplingParams(chat.max_tokens, chat.temperature, chat.top_p, chat.seed, chat.repetition_penalty)
         channel = _Channel(asyncio.get_running_loop())
         job = GenerationRequest(ids, edit, params, channel)

@@ -148,7 +148,20 @@ def _integer(value: Any, name: str) -> int:
     return value
 
 
+def _encodable(text: str, param: str) -> str:
+    """``text`` if it is valid Unicode (JSON's ``\\ud800`` escapes can carry lone surrogates, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _bad(f"'{param}' contains a lone surrogate (U+{ord(text[err.start]):04X} at character {err.start}): not valid Unicode text", param) from None
+    return text
+
+
 def _content(message: dict, where: str) -> str:
+    return _encodable(_raw_content(message, where), f"{where}.content")
+
+
+def _raw_content(message: dict, where: str) -> str:
     content = message.get("content")
     if isinstance(content, str):
         return content
@@ -191,7 +204,7 @@ def _stop(body: dict, limits: Limits) -> tuple[str, ...]:
         raise _bad("'stop' must be a non-empty string or a list of non-empty strings", "stop", "invalid_type")
     if len(items) > limits.max_stop:
         raise _bad(f"'stop' has {len(items)} strings; at most {limits.max_stop} are allowed", "stop")
-    return tuple(items)
+    return tuple(_encodable(item, "stop") for item in items)
 
 
 def _user(body: dict, header_user: str | None) -> str | None:

@@ -232,20 +232,23 @@ class UserEdit:
 
     @classmethod
     def load(cls, path: str | Path, model=None) -> "UserEdit":
-        """Load an edit saved by :meth:`save`. With ``model``, check it is the model the edit was made for."""
+        """Load an edit saved by :meth:`save`, checking every field and tensor
+        (:mod:`repedit.steering.edit_files`). With ``model``, check it is the model the edit was made
+        for and that its magnitude is in proportion with the model's residual stream."""
+        from .edit_files import build_edit, check_magnitudes, check_meta, check_tensors
+
         path = Path(path)
         base = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
-        meta = read_json(base.with_name(base.name + ".json"))
+        json_path, tensor_path = base.with_name(base.name + ".json"), base.with_name(base.name + ".safetensors")
+        meta = read_json(json_path, dict)
         if meta.get("format") != FORMAT:
-            raise InputError(f"{base}.json: not a repedit user edit (field 'format')")
-        tensors = load_tensors(base.with_name(base.name + ".safetensors"))
-        edits = [
-            SiteEdit(**entry, **{name: tensors.get(f"{index}.{name}") for name in TENSOR_FIELDS})
-            for index, entry in enumerate(meta["edits"])
-        ]
-        edit = cls(meta["user_id"], edits, meta["model_fingerprint"], int(meta["d_model"]), meta["positions"], meta.get("method", ""), meta.get("provenance", {}))
+            raise InputError(f"{json_path}: not a repedit user edit (field 'format' is {meta.get('format')!r}, expected {FORMAT!r})", path=json_path, field="format")
+        check_meta(meta, str(json_path), path=json_path)
+        by_edit = check_tensors(load_tensors(tensor_path), meta, str(tensor_path), path=tensor_path)
+        edit = build_edit(meta, by_edit, str(base), path=json_path)
         if model is not None:
             check_model(edit, model)
+            check_magnitudes(edit, model, str(base))
         return edit
 
 

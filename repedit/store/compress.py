@@ -48,8 +48,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..io import InputError, load_tensors, save_tensors, write_json
-from ..steering.edit import FORMAT_VERSION, INDEX_CONVENTION, TENSOR_FIELDS, SiteEdit, UserEdit
+from ..io import InputError, expect, load_tensors, save_tensors, write_json
+from ..steering.edit import FORMAT_VERSION, INDEX_CONVENTION, UserEdit
 
 COMPRESSED_FORMAT = "repedit.compressed_user_edit"
 BASIS_FORMAT = "repedit.store_basis"
@@ -112,20 +112,32 @@ def load_basis(directory: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_compressed(directory: Path, base: Path, meta: dict) -> UserEdit:
-    """Rebuild a compressed user's :class:`UserEdit`: ``v̂ = μ + Bᵀ c`` for every coefficient edit."""
-    tensors = load_tensors(base.with_name(base.name + ".safetensors"))
-    basis = load_basis(directory, meta["basis"])
-    edits = []
+    """Rebuild a compressed user's :class:`UserEdit`: ``v̂ = μ + Bᵀ c`` for every coefficient edit; every
+    field, tensor and the basis are checked (:mod:`repedit.steering.edit_files`)."""
+    from ..steering.edit_files import build_edit, check_meta, check_tensors
+
+    json_path, tensor_path = base.with_name(base.name + ".json"), base.with_name(base.name + ".safetensors")
+    check_meta(meta, str(json_path), path=json_path, extra_entry_keys=("coef",))
+    basis_name = expect(meta.get("basis"), str, f"{json_path}: field 'basis'", path=json_path, field="basis")
+    tensors = load_tensors(tensor_path)
+    basis = load_basis(directory, basis_name)
+    resolved: dict[str, torch.Tensor] = {}
     for index, entry in enumerate(meta["edits"]):
-        entry = dict(entry)
-        if entry.pop("coef", False):
-            site = entry["site"]
-            vector = basis[f"{site}.mean"] + tensors[f"{index}.coef"] @ basis[f"{site}.basis"]
-            edits.append(SiteEdit(**entry, vector=vector))
-        else:
-            edits.append(SiteEdit(**entry, **{n: tensors.get(f"{index}.{n}") for n in TENSOR_FIELDS}))
-    return UserEdit(meta["user_id"], edits, meta["model_fingerprint"], int(meta["d_model"]), meta["positions"],
-                    meta.get("method", ""), meta.get("provenance", {}))
+        coef_name = f"{index}.coef"
+        if not expect(entry.get("coef", False), bool, f"{json_path}: field 'edits[{index}].coef'", path=json_path):
+            continue
+        site = entry["site"]
+        mean, rows = basis.get(f"{site}.mean"), basis.get(f"{site}.basis")
+        coef = tensors.pop(coef_name, None)
+        if mean is None or rows is None:
+            raise InputError(f"{directory / basis_name}.safetensors: no basis for site {site!r} (needed by {json_path})", path=json_path)
+        if coef is None or coef.ndim != 1 or rows.ndim != 2 or coef.shape[0] != rows.shape[0] or list(mean.shape) != [rows.shape[-1]]:
+            raise InputError(f"{tensor_path}: tensor {coef_name!r} has shape {None if coef is None else list(coef.shape)}; expected "
+                             f"[{rows.shape[0] if rows.ndim == 2 else 'k'}] (the basis of {site} is {list(rows.shape)}, its mean {list(mean.shape)})",
+                             path=tensor_path, field=coef_name)
+        resolved[f"{index}.vector"] = mean.float() + coef.float() @ rows.float()
+    by_edit = check_tensors({**tensors, **resolved}, meta, str(tensor_path), path=tensor_path)
+    return build_edit(meta, by_edit, str(base), path=json_path)
 
 
 # ----------------------------------------------------------------------------- writing

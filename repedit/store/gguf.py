@@ -142,6 +142,16 @@ def export_gguf(
         directions[layer] = directions[layer] + vector if layer in directions else vector
     scale = 1.0 if bake else float(factor * strengths.pop())
     path = Path(path)
+    written = {layer: vector.float() for layer, vector in directions.items()}
+    wrong = sorted(layer for layer, vector in written.items() if vector.numel() != edit.d_model)
+    if wrong:
+        raise InputError(f"user {edit.user_id!r}: direction.{wrong[0]} would have {written[wrong[0]].numel()} values, but the edit's d_model is "
+                         f"{edit.d_model}: llama.cpp and repedit's import-gguf read only 1-D [n_embd] directions")
+    check_directions(written, f"user {edit.user_id!r}: refusing to write {path}, which llama.cpp and import-gguf would reject")
+    if model is not None:
+        from ..steering.edit_files import check_magnitudes
+
+        check_magnitudes(edit * factor if bake else edit * scale, model, f"export of user {edit.user_id!r}")
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), ARCH)
         writer.add_string(f"{ARCH}.model_hint", _model_hint(edit.model_fingerprint))
@@ -152,7 +162,7 @@ def export_gguf(
         writer.add_float64("repedit.scale", scale)
         writer.add_bool("repedit.baked", bake)
         for layer in sorted(directions):
-            writer.add_tensor(f"direction.{layer}", directions[layer].float().numpy())
+            writer.add_tensor(f"direction.{layer}", written[layer].numpy())
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -165,46 +175,66 @@ def _field(reader, name: str):
     return None if field is None or not field.types else field.contents()
 
 
+def check_directions(directions: dict[int, torch.Tensor], where: str) -> None:
+    """What llama.cpp's loader and :func:`read_gguf_directions` require of the ``direction.N`` tensors,
+    checked on both sides (export and import): at least one, 1-D, one common length, finite values of
+    size at most :data:`repedit.steering.edit_files.MAX_ABS_VALUE`."""
+    from ..steering.edit_files import MAX_ABS_VALUE
+
+    if not directions:
+        raise InputError(f"{where}: no direction.N tensor")
+    for layer, vector in directions.items():
+        if vector.ndim != 1:
+            raise InputError(f"{where}: direction.{layer} has shape {list(vector.shape)}; a control vector direction is 1-D [n_embd]")
+        if not torch.isfinite(vector).all():
+            raise InputError(f"{where}: direction.{layer} has NaN or inf values")
+        if vector.numel() and float(vector.abs().max()) > MAX_ABS_VALUE:
+            raise InputError(f"{where}: direction.{layer} has a value of size {float(vector.abs().max()):.3g}; at most {MAX_ABS_VALUE:g} is accepted")
+    lengths = {int(v.numel()) for v in directions.values()}
+    if len(lengths) > 1:
+        raise InputError(f"{where}: direction tensors have different lengths {sorted(lengths)}")
+
+
 def read_gguf_directions(path: str | Path) -> tuple[dict[int, torch.Tensor], dict[str, object]]:
     """Read a GGUF control vector: ``({N: vector [d] float32}, metadata)``, checking the format.
 
-    Raises :class:`InputError` for a file that is not a control vector, a tensor that is not
-    ``direction.N``, a non-1-D or non-float tensor, unequal lengths, NaN/inf, or no tensor at all.
+    Raises :class:`InputError` for a file that is not a readable GGUF (truncated, random bytes after
+    the magic), not a control vector, a tensor that is not ``direction.N``, a non-1-D or non-float
+    tensor, unequal lengths, NaN/inf or huge values, or no tensor at all.
     """
-    import gguf
-
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: file not found")
+        raise InputError(f"{path}: file not found", path=path)
     try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as err:
-        raise InputError(f"{path}: not a readable GGUF file ({err})") from None
+        return _read_directions(path)
+    except InputError:
+        raise
+    except Exception as err:  # gguf's reader indexes and memory-maps whatever the header claims
+        raise InputError(f"{path}: not a readable GGUF file ({type(err).__name__}: {str(err)[:200]})", path=path) from None
+
+
+def _read_directions(path: Path) -> tuple[dict[int, torch.Tensor], dict[str, object]]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
     arch = _field(reader, "general.architecture")
     if arch != ARCH:
-        raise InputError(f"{path}: general.architecture is {arch!r}, not {ARCH!r}: not a control-vector file")
+        raise InputError(f"{path}: general.architecture is {arch!r}, not {ARCH!r}: not a control-vector file", path=path)
     directions: dict[int, torch.Tensor] = {}
     for tensor in reader.tensors:
         match = _DIRECTION.fullmatch(tensor.name)
         if not match:
-            raise InputError(f"{path}: tensor {tensor.name!r} is not 'direction.N' (llama.cpp refuses such files)")
+            raise InputError(f"{path}: tensor {tensor.name!r} is not 'direction.N' (llama.cpp refuses such files)", path=path)
         type_name = gguf.GGMLQuantizationType(int(tensor.tensor_type)).name
         if type_name not in _FLOAT_TYPES:
-            raise InputError(f"{path}: {tensor.name} has type {type_name}; control vectors are F32 (F16/F64 also read)")
+            raise InputError(f"{path}: {tensor.name} has type {type_name}; control vectors are F32 (F16/F64 also read)", path=path)
         if len(tensor.shape) != 1:
-            raise InputError(f"{path}: {tensor.name} has shape {list(tensor.shape)}; a control vector direction is 1-D [n_embd]")
-        vector = torch.from_numpy(np.asarray(tensor.data, dtype=np.float32).copy())
-        if not torch.isfinite(vector).all():
-            raise InputError(f"{path}: {tensor.name} has NaN or inf values")
+            raise InputError(f"{path}: {tensor.name} has shape {list(tensor.shape)}; a control vector direction is 1-D [n_embd]", path=path)
         layer = int(match.group(1))
         if layer in directions:
-            raise InputError(f"{path}: {tensor.name} appears twice")
-        directions[layer] = vector
-    if not directions:
-        raise InputError(f"{path}: no direction.N tensor")
-    lengths = {int(v.numel()) for v in directions.values()}
-    if len(lengths) > 1:
-        raise InputError(f"{path}: direction tensors have different lengths {sorted(lengths)}")
+            raise InputError(f"{path}: {tensor.name} appears twice", path=path)
+        directions[layer] = torch.from_numpy(np.asarray(tensor.data, dtype=np.float32).copy())
+    check_directions(directions, str(path))
     metadata = {name: _field(reader, name) for name in reader.fields if not name.startswith("GGUF.")}
     return directions, metadata
 
@@ -246,7 +276,12 @@ def import_gguf(path: str | Path, *, user_id: str | None = None, model=None, mod
         scale = float(metadata["repedit.scale"])
     edits = [SiteEdit(f"resid_post.{n}", "add", vector=directions[n], a=scale) for n in sorted(directions)]
     user = user_id or metadata.get("repedit.user_id") or path.stem
-    return UserEdit(
+    edit = UserEdit(
         str(user), edits, str(model_fingerprint), int(d_model), positions="all", method=str(metadata.get("repedit.method") or "gguf"),
         provenance={"source": "gguf", "file": path.name, "model_hint": hint},
     )
+    if model is not None:
+        from ..steering.edit_files import check_magnitudes
+
+        check_magnitudes(edit, model, str(path))
+    return edit

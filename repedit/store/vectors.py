@@ -54,7 +54,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ..io import USER_ID_PATTERN, InputError, check_user_id, read_json, write_json
+from ..io import USER_ID_PATTERN, InputError, check_user_id, expect, read_json, write_json
 from ..model.sites import site_layer
 from ..steering.edit import FORMAT as EDIT_FORMAT
 from ..steering.edit import UserEdit, check_model
@@ -153,7 +153,8 @@ class VectorStore:
     # ----------------------------------------------------------------- reading (no lock)
 
     def _index(self) -> dict:
-        return read_json(self.directory / "index.json")
+        path = self.directory / "index.json"
+        return check_index(read_json(path, dict), path)
 
     def list_users(self) -> list[str]:
         """User ids in the store, sorted."""
@@ -167,9 +168,10 @@ class VectorStore:
         if entry is not None:
             return entry
         # A save_edits (`repedit fit`) user: <id>.json + <id>.safetensors, described from its JSON.
-        meta = read_json(self.directory / f"{user_id}.json")
-        edits = meta.get("edits", [])
-        n_pairs = meta.get("provenance", {}).get("n_pairs")
+        meta = read_json(self.directory / f"{user_id}.json", dict)
+        edits = [e for e in meta.get("edits", []) if isinstance(e, dict)] if isinstance(meta.get("edits"), list) else []
+        provenance = meta.get("provenance") if isinstance(meta.get("provenance"), dict) else {}
+        n_pairs = provenance.get("n_pairs")
         running = meta.get("method") in RUNNING_MEAN_METHODS and all(e.get("operator") == "add" for e in edits)
         weight = float(n_pairs) if running and isinstance(n_pairs, (int, float)) and n_pairs > 0 else None
         return {"file": user_id, "method": meta.get("method", ""), "model_fingerprint": meta.get("model_fingerprint", ""),
@@ -177,7 +179,7 @@ class VectorStore:
 
     def _load(self, index: dict, user_id: str) -> UserEdit:
         base = self.directory / self._entry(index, user_id)["file"]
-        meta = read_json(base.with_name(base.name + ".json"))
+        meta = read_json(base.with_name(base.name + ".json"), dict)
         if meta.get("format") == COMPRESSED_FORMAT:
             return load_compressed(self.directory, base, meta)
         if meta.get("format") != EDIT_FORMAT:
@@ -202,7 +204,10 @@ class VectorStore:
                 if attempt + 1 == _READ_RETRIES or self._index().get("generation") == index.get("generation"):
                     raise
         if model is not None:
+            from ..steering.edit_files import check_magnitudes
+
             check_model(edit, model)
+            check_magnitudes(edit, model, f"{self.directory}/{user_id}")
         return edit
 
     def entries(self) -> dict[str, dict]:
@@ -460,6 +465,47 @@ class VectorStore:
         return sum(s[0] for s in sizes), sum(s[0] + s[1] for s in sizes)
 
 
+def check_index(index: dict, path: Path) -> dict:
+    """Check the types of every field of a store's ``index.json`` (an :class:`InputError` names the
+    field and what was expected); returns ``index``."""
+
+    def field(name: str, value, types):
+        return expect(value, types, f"{path}: field {name!r}", path=path, field=name)
+
+    field("format", index.get("format", INDEX_FORMAT), str)
+    generation = field("generation", index.get("generation", 0), int)
+    if generation < 0:
+        raise InputError(f"{path}: field 'generation': expected an integer ≥ 0, got {generation}", path=path, field="generation")
+    users = field("users", index.get("users", []), list)
+    for i, user in enumerate(users):
+        field(f"users[{i}]", user, str)
+        try:
+            check_user_id(user)
+        except InputError as err:
+            raise InputError(f"{path}: field 'users[{i}]': {err}", path=path, field=f"users[{i}]") from None
+    if len(set(users)) != len(users):
+        raise InputError(f"{path}: field 'users': user {next(u for u in users if users.count(u) > 1)!r} is listed twice", path=path, field="users")
+    basis = field("basis", index.get("basis"), (str, type(None)))
+    if basis is not None and not _VERSIONED.fullmatch(basis):
+        raise InputError(f"{path}: field 'basis': expected a file base '_basis@<generation>', got {basis!r}", path=path, field="basis")
+    for user, entry in field("entries", index.get("entries", {}), dict).items():
+        where = f"entries[{user!r}]"
+        field(where, entry, dict)
+        name = field(f"{where}.file", entry.get("file"), str)
+        if not (_VERSIONED.fullmatch(name) or USER_ID_PATTERN.fullmatch(name)) or name.split("@")[0] != user:
+            raise InputError(f"{path}: field '{where}.file': expected '{user}@<generation>', got {name!r}", path=path, field=f"{where}.file")
+        for key in ("method", "model_fingerprint"):
+            field(f"{where}.{key}", entry.get(key), str)
+        for i, site in enumerate(field(f"{where}.sites", entry.get("sites"), list)):
+            field(f"{where}.sites[{i}]", site, str)
+        weight = field(f"{where}.weight", entry.get("weight"), (float, type(None)))
+        if weight is not None and not 0 <= weight < float("inf"):
+            raise InputError(f"{path}: field '{where}.weight': expected a finite number ≥ 0 or null, got {weight}", path=path, field=f"{where}.weight")
+        for key in ("compressed", "in_basis"):
+            field(f"{where}.{key}", entry.get(key, False), bool)
+    return index
+
+
 def save_edits(edits: dict[str, UserEdit], directory: str | Path) -> Path:
     """Write ``edits`` (``{user_id: edit}``) into the vector store at ``directory`` (made if absent) in
     one atomic write, replacing these users' earlier edits; returns the directory.
@@ -480,4 +526,4 @@ def file_bytes(directory: Path, base: str) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
-__all__ = ["INDEX_FORMAT", "RUNNING_MEAN_METHODS", "Transaction", "UnknownUserError", "VectorStore", "describe", "evidence_weight", "file_bytes", "save_edits"]
+__all__ = ["INDEX_FORMAT", "RUNNING_MEAN_METHODS", "Transaction", "UnknownUserError", "VectorStore", "check_index", "describe", "evidence_weight", "file_bytes", "save_edits"]

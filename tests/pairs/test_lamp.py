@@ -196,7 +196,7 @@ def test_bad_questions_file(case, tmp_path):
 def test_invalid_utf8_missing_file_and_bad_rating(tmp_path):
     path = tmp_path / "q.json"
     path.write_bytes(b'[{"id": "1", "input": "caf\xe9"}]')
-    with pytest.raises(InputError, match=re.escape(str(path)) + r": not valid UTF-8 \(byte offset 26\)"):
+    with pytest.raises(InputError, match=re.escape(str(path)) + r":1:27: invalid UTF-8 \(byte 0xe9\)"):
         read_lamp(path, task="LaMP_7")
     with pytest.raises(InputError, match=re.escape(str(tmp_path / "nope.json")) + ": file not found"):
         read_lamp(tmp_path / "nope.json", task="LaMP_7")

@@ -467,23 +467,34 @@ def test_context_limit(server, tiny):
 
 
 def test_failing_request_fails_alone(server, tiny):
-    """A user whose edit makes the logits NaN gets a 500; concurrent requests are unaffected."""
+    """An edit that makes the logits NaN fails its own rows only (500 "non-finite" from the engine); concurrent
+    requests are unaffected. Through the store, the same edit is now refused at load (422 naming the user):
+    its vector holds 3e38, beyond any residual stream."""
     model, tokenizer, edits, _, _ = tiny
     expected = offline(model, tokenizer, PROMPTS[:6], edits["carol"], 8)
     jobs = [("overflow", 0)] + [("carol", i) for i in range(6)] + [("overflow", 1)]
+    overflow_events: list[list] = [[], []]
 
     def send(job):
+        if job[0] == "overflow":  # straight to the engine, past the store's checks
+            events = overflow_events[job[1]]
+            server.engine.submit(GenerationRequest(render_chat(tokenizer, chat(PROMPTS[job[1]])), edits["overflow"], SamplingParams(max_tokens=8), events.append))
+            return None
         with client(server) as c:
             return c.post("/v1/chat/completions", json=body(PROMPTS[job[1]], job[0], 8))
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         responses = list(pool.map(send, jobs))
+    wait_idle(server.engine)
+    for events in overflow_events:
+        assert isinstance(events[-1], Failed) and "non-finite" in events[-1].message
     for (user, i), response in zip(jobs, responses):
-        if user == "overflow":
-            assert response.status_code == 500 and "non-finite" in response.json()["error"]["message"]
-        else:
+        if user != "overflow":
             assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == expected[i]
     with client(server) as c:
+        refused = c.post("/v1/chat/completions", json=body(PROMPTS[0], "overflow", 8))
+        assert refused.status_code == 422 and "'overflow'" in refused.json()["error"]["message"]
+        assert "3e+38" in refused.json()["error"]["message"] and "/tmp" not in refused.json()["error"]["message"]  # no server path
         assert c.get("/health").json()["status"] == "ok"
 
 

@@ -1,0 +1,60 @@
+"""Peak memory of ``repedit pairs`` when one history item is huge (issue 17: a 10 MB item once grew the job to 16.5 GB).
+
+Writes a users file with one user whose history holds a ``--item-mb`` MB text (plus two ordinary
+items), runs ``python -m repedit pairs`` on it in a child process (one built-in prompt, short answers,
+the default input limits), and prints one JSON line: exit status, seconds, peak RSS of the child
+(``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``), whether the truncation warning was printed, and
+the length of the history text the run kept. Target: finishes (truncating with a warning) under 3 GB.
+
+    python benchmarks/big_history_item.py                       # default model
+    python benchmarks/big_history_item.py --model path/to/tiny  # any model folder (the test uses a tiny one)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run(model: str, item_mb: float, work: Path, max_new_tokens: int = 16) -> dict:
+    """Run the pairs job on a user with an ``item_mb`` MB history item; return the measurements."""
+    users, out = work / "users.jsonl", work / "pairs.jsonl"
+    big = ("All work and no play makes a very long history item. " * (int(item_mb * 1e6) // 53 + 1))[: int(item_mb * 1e6)]
+    user = {"user_id": "huge_hugo", "history": [{"text": big, "prompt": "Tell me about your day."},
+                                                {"text": "Short and sweet!", "prompt": "How are you?"}, {"text": "Yes."}]}
+    users.write_text(json.dumps(user) + "\n", encoding="utf-8")
+    command = [sys.executable, "-m", "repedit", "pairs", "--users", str(users), "--prompts", "demo", "--max-prompts", "1",
+               "--out", str(out), "--model", model, "--max-new-tokens", str(max_new_tokens), "--batch-size", "2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
+    seconds = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: kilobytes
+    kept = None
+    if out.exists():
+        rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
+        real = [r for r in rows if r.get("source") == "real-history" and r["prompt"] == "Tell me about your day."]
+        kept = len(real[0]["personalized"]) if real else None
+    return {"exit": result.returncode, "seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024), "item_chars": len(big),
+            "warned": "truncated" in result.stderr, "kept_chars": kept, "stderr_tail": result.stderr[-400:] if result.returncode else ""}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--item-mb", type=float, default=10.0)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        print(json.dumps(run(args.model, args.item_mb, Path(work), args.max_new_tokens)))
+
+
+if __name__ == "__main__":
+    main()

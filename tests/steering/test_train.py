@@ -113,9 +113,10 @@ def test_joint_training_equals_training_each_user_alone(tiny_model, tokenizer):
     model = tiny_model("llama")
     joint = train_user_edits(model, tokenizer, make_pairs(), settings=FAST, progress=False)
     alone = train_user_edits(model, tokenizer, [p for p in make_pairs() if p.user_id == "bob"], settings=FAST,
-                             neutral=[("Describe the sea.", "Here is an answer to Describe the sea."), ("Say hi.", "Here is an answer to Say hi.")],
+                             neutral=[("Say hi.", "Here is an answer to Say hi."), ("Describe the sea.", "Here is an answer to Describe the sea.")],
                              progress=False)
-    # Same neutral texts as the joint run's default (the first two self-generated prompts' neutral answers).
+    # Same neutral texts, in the same order, as the joint run's default (the first two self-generated prompts'
+    # neutral answers); each user walks them from an offset of its own id, so its place in the joint batch does not matter.
     torch.testing.assert_close(joint.edits["bob"].edits[0].vector, alone.edits["bob"].edits[0].vector, atol=1e-4, rtol=1e-4)
 
 

@@ -2,7 +2,7 @@
 
 Per configuration, the same pairs job (``--users`` users made from the demo users' histories, the
 first ``--prompts`` built-in prompts, greedy, ``--max-new-tokens``, blocks of ``--users-per-block``)
-and the same fitting job (``caa`` on those pairs) run:
+and the same fitting job (``stylevector`` on those pairs) run:
 
 * ``in-process``: :func:`repedit.pairs.generate` / :func:`repedit.evaluate.fitting.fit_users` in this
   process (torch on all cores);
@@ -88,7 +88,7 @@ def main() -> None:
     cores = torch.get_num_threads()
     users, prompts = make_users(args.users), demo_prompts()[: args.prompts]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, repetition_penalty=1.2, batch_size=8)
-    options = FitOptions(method="caa", batch_size=8)
+    options = FitOptions(method="stylevector", batch_size=8)  # real-history pairs: they survive short answers
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)

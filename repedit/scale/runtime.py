@@ -122,6 +122,7 @@ class WorkerPool:
         self.actors = [remote_worker().options(**options).remote(model, dtype=dtype, device=device, threads=max(1, int(cpus_per_actor)))
                        for _ in range(actors)]
         self._pool = ActorPool(self.actors)
+        self.retries = retries
         self._ray = ray
 
     def map(self, method: str, units: Sequence[tuple]) -> Iterator[Any]:
@@ -131,15 +132,18 @@ class WorkerPool:
         the problem), anything else as Ray's error with the worker's traceback.
         """
         results = self._pool.map(lambda actor, unit: getattr(actor, method).remote(*unit), list(units))
-        while True:
+        for index in range(len(units)):
             try:
                 yield next(results)
-            except StopIteration:
-                return
             except self._ray.exceptions.RayTaskError as err:
                 if isinstance(err.cause, InputError):
                     raise InputError(str(err.cause)) from None
                 raise
+            except self._ray.exceptions.RayActorError as err:
+                # Restarted `retries` times and still dying: usually memory (one model per actor) — say which unit.
+                raise InputError(f"a Ray worker died {self.retries + 1} times running unit {index + 1} of {len(units)} ({method}); "
+                                 f"the last cause: {str(err).splitlines()[0] if str(err) else type(err).__name__}. Fewer --actors "
+                                 "(each holds a model) or smaller units may fit") from None
 
     def call(self, method: str, *args: Any) -> Any:
         """Run one ``method(*args)`` on the first actor and return its result."""

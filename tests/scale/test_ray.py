@@ -255,3 +255,28 @@ def test_import_does_not_load_ray_and_a_missing_ray_is_named(tmp_path):
             f"raise SystemExit(main(['fit', '--pairs', {str(pairs)!r}, '--out', {str(tmp_path / 'o')!r}, '--ray']))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "pip install 'repedit[ray]'" in result.stderr
+
+
+def test_fit_command_with_ray_writes_the_store_the_single_process_command_writes(folder, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in _fit_pairs()))
+    common = [sys.executable, "-m", "repedit", "fit", "--pairs", str(pairs), "--model", str(folder), "--layers", "1", "--batch-size", "4"]
+    single = subprocess.run(common + ["--out", str(tmp_path / "single")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    on_ray = subprocess.run(common + ["--out", str(tmp_path / "ray"), "--ray", "--ray-cpus", "2", "--actors", "2", "--users-per-task", "2"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert single.returncode == 0 and on_ray.returncode == 0, on_ray.stderr[-2000:]
+    assert on_ray.stdout.splitlines()[-1] == single.stdout.splitlines()[-1].replace("single", "ray")  # "4 edits -> DIR"
+    a, b = VectorStore(tmp_path / "single"), VectorStore(tmp_path / "ray")
+    assert sorted(a.list_users()) == sorted(b.list_users()) == ["emoji", "formal", "pirate", "terse"]
+    for user in a.list_users():
+        torch.testing.assert_close(b.get(user).edits[0].vector, a.get(user).edits[0].vector, atol=1e-6, rtol=0)
+    assert json.loads((tmp_path / "ray" / "fit-progress.json").read_text())["done"] == [0, 1]
+
+
+def test_a_worker_that_keeps_dying_is_a_named_error_not_a_hang(folder, session):
+    from repedit.scale import WorkerPool
+
+    with WorkerPool(str(folder), 1, retries=0) as pool:
+        os.kill(pool.pids()[0], signal.SIGKILL)
+        with pytest.raises(InputError, match=r"a Ray worker died 1 times running unit 1 of 1 \(pid\)"):
+            pool.call("pid")

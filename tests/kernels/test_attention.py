@@ -250,3 +250,44 @@ def test_fused_attention_batch_mismatch_and_value_edit(llama):
         with steering.fused_steering(model, [edit], [0, None, 0], force=True), torch.no_grad():
             model(ids)
     assert model.config._attn_implementation == "sdpa"
+
+
+# ------------------------------------------------------------------------ on a GPU (skipped without one)
+
+CUDA = torch.cuda.is_available() and kernels.triton_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_attention_on_gpu_against_the_oracle(dtype):
+    for shape in SHAPES + [dict(B=32, H=9, Hkv=3, Tq=1, Tkv=300, hd=64, d=576), dict(B=4, H=9, Hkv=3, Tq=130, Tkv=130, hd=64, d=576)]:
+        c = attention_case(**shape, dtype=dtype)
+        exact = attention_case(**shape)
+        cuda = {name: t.cuda() for name, t in c.items()}
+        for kind in KINDS:
+            args = (cuda["q"], cuda["k"], cuda["v"], cuda["w"], cuda["bias"], cuda["idx"])
+            got = kernels.attention_edit(*args, mask=cuda["padding"], **edit_kwargs(cuda, kind)).cpu()
+            want = sdpa_oracle(exact, **oracle_kwargs(exact, kind))
+            tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=5e-2)
+            torch.testing.assert_close(got.double(), want, **tol)
+        plain = kernels.attention_edit(*args[:5], mask=cuda["padding"])
+        edited = kernels.attention_edit(*args, mask=cuda["padding"], values=cuda["values"], **edit_kwargs(cuda, "project_k_add"))
+        assert_bits_equal(edited[1], plain[1])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and triton")
+def test_fused_attention_on_gpu_equals_the_hooks(llama):
+    import copy
+
+    model, fp = llama
+    model = copy.deepcopy(model).cuda()
+    ids, mask = left_pad([torch.randint(0, 1000, (n,)).tolist() for n in (5, 7, 4)], 0)
+    ids, mask = ids.cuda(), mask.cuda()
+    edits, rows = attn_edits(fp), [0, None, 1]
+    with steer(model, edits, rows):
+        want_logits, want_tokens = logits_and_tokens(model, ids, mask)
+    with steering.fused_steering(model, edits, rows) as handle:  # on CUDA without force
+        assert "attn_out.1" in handle.fused_sites
+        got_logits, got_tokens = logits_and_tokens(model, ids, mask)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert got_tokens.tolist() == want_tokens.tolist()

@@ -25,6 +25,13 @@ KV cache: the time of one decode step unsteered, steered through the hooks (Trit
 steered with :func:`repedit.steering.fused_steering` (target ≤ 1.03× unsteered). Every GPU figure is
 printed with the device name.
 
+Fused attention (:func:`repedit.kernels.attention_edit`: attention + ``o_proj`` + per-row edit, the
+default model's layer shape H=9, Hkv=3, hd=64, d=576): at decode (32 rows × 1 query, 256 keys) and
+prefill (8 × 128), unsteered (every row ``idx = -1``) vs steered (``add``; projection + add) vs the
+composition it replaces (SDPA, ``o_proj``, then ``gather_add``/``project_edit``). On CPU only the
+pure-torch reference runs (it prints that the kernel's figures need a GPU); on CUDA the Triton
+kernel, and the model's decode step with ``attn_out.12`` edits through ``fused_steering``.
+
     python benchmarks/kernels.py --threads 1
 """
 
@@ -238,6 +245,8 @@ def decode_steps(args, device: str, dtype: torch.dtype, label: str) -> dict:
     d = model.config.hidden_size
     users = [UserEdit(f"user{i}", [SiteEdit("resid_post.12", "add", vector=torch.nn.functional.normalize(torch.randn(d), dim=0) * 25)], fingerprint, d)
              for i in range(args.rows)]
+    attn_users = [UserEdit(f"user{i}", [SiteEdit("attn_out.12", "add", vector=torch.nn.functional.normalize(torch.randn(d), dim=0) * 5)], fingerprint, d)
+                  for i in range(args.rows)]
     prompts = (demo_prompts() * args.rows)[: args.rows]
     ids, mask = left_pad([render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts], tokenizer.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
@@ -264,6 +273,8 @@ def decode_steps(args, device: str, dtype: torch.dtype, label: str) -> dict:
         "unsteered": lambda: _Null(),
         "steered (hooks)": lambda: steer(model, users, list(range(args.rows))),
         "steered (fused_steering)": lambda: steering.fused_steering(model, users, list(range(args.rows))),
+        "attn_out.12 add (fused attention)": lambda: steering.fused_steering(model, attn_users, list(range(args.rows)), force=True),
+        "attn_out.12 add (hooks)": lambda: steer(model, attn_users, list(range(args.rows))),
     }
     samples = {name: [] for name in modes}
     for _ in range(args.decode_rounds):
@@ -276,6 +287,74 @@ def decode_steps(args, device: str, dtype: torch.dtype, label: str) -> dict:
     for name, value in med.items():
         print(f"[{label}] decode step, {args.rows} rows, prefix {prefix}: {name:<26} {value:8.3f} ms  ({value / med['unsteered']:.3f}x unsteered; target <= 1.03)", flush=True)
     return dict(device=label, rows=args.rows, prefix=prefix, median_ms=med, ratio={k: v / med["unsteered"] for k, v in med.items()})
+
+
+def attention_inputs(B: int, Tq: int, Tkv: int, device: str, dtype: torch.dtype, users: int = 33, k: int = 2) -> dict:
+    """The default model's attention shapes (H 9, Hkv 3, hd 64, d 576) with random tables."""
+    g = torch.Generator().manual_seed(0)
+    H, Hkv, hd, d = 9, 3, 64, 576
+    basis = torch.linalg.qr(torch.randn(users, d, k, generator=g)).Q.transpose(1, 2).contiguous()
+    data = dict(q=torch.randn(B, H, Tq, hd, generator=g), k=torch.randn(B, Hkv, Tkv, hd, generator=g),
+                v=torch.randn(B, Hkv, Tkv, hd, generator=g), w=torch.randn(d, H * hd, generator=g) / 24,
+                table=torch.randn(users, d, generator=g), basis=basis, strength=torch.ones(users),
+                idx=torch.randint(0, users, (B,), generator=g), none=torch.full((B,), -1, dtype=torch.long))
+    return {name: t.to(device=device, dtype=dtype if name in ("q", "k", "v", "w") else t.dtype) for name, t in data.items()}
+
+
+def attention_cases(data: dict, impl) -> dict:
+    """name -> zero-argument call: the fused op unsteered/steered and the composition it replaces."""
+    from repedit.kernels import reference as ref
+
+    q, k, v, w, idx = data["q"], data["k"], data["v"], data["w"], data["idx"]
+    causal = q.shape[2] > 1
+
+    def composition(project: bool):
+        z = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        y = torch.nn.functional.linear(z.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1), w)
+        if project:
+            return ref.project_edit(y, idx, data["basis"], data["strength"], data["table"])
+        return ref.gather_add(y, idx, data["table"])
+
+    return {
+        "fused, unsteered (idx -1)": lambda: impl(q, k, v, w, None, data["none"], causal=causal, table=data["table"]),
+        "fused, add": lambda: impl(q, k, v, w, None, idx, causal=causal, table=data["table"]),
+        "fused, project k=2 + add": lambda: impl(q, k, v, w, None, idx, causal=causal, basis=data["basis"], strength=data["strength"], table=data["table"]),
+        "SDPA + o_proj (no edit)": lambda: torch.nn.functional.linear(
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1), w),
+        "SDPA + o_proj + gather_add": lambda: composition(False),
+        "SDPA + o_proj + project_edit": lambda: composition(True),
+    }
+
+
+ATTENTION_SHAPES = (("decode 32x1, 256 keys", (32, 1, 256)), ("prefill 8x128", (8, 128, 128)))
+
+
+def attention_half(args, device: str, label: str) -> list[dict]:
+    """Fused attention + edit: µs per call of each case (CPU: the reference, median of rounds; CUDA: Triton, do_bench)."""
+    from repedit.kernels import attention as attention_reference
+
+    rows = []
+    cuda = device == "cuda"
+    impl = kernels.attention_edit if cuda else attention_reference.attention_edit
+    if not cuda:
+        print("fused attention: the Triton kernel's figures need a GPU; timing the pure-torch reference on CPU", flush=True)
+    for shape, (B, Tq, Tkv) in ATTENTION_SHAPES:
+        data = attention_inputs(B, Tq, Tkv, device, torch.bfloat16 if cuda else torch.float32)
+        times = {}
+        for name, fn in attention_cases(data, impl).items():
+            if cuda:
+                from triton.testing import do_bench
+
+                times[name] = do_bench(fn) * 1e3
+            else:
+                fn()
+                calls = max(1, int(args.budget_ms / max(_once_us(fn) / 1e3, 1e-3)))
+                times[name] = statistics.median(_mean_us(fn, calls) for _ in range(args.repeats))
+        base = times["fused, unsteered (idx -1)"]
+        for name, us in times.items():
+            print(f"[{label}] attention {shape:<22} {name:<30} {us:9.1f} µs  ({us / base:.3f}x fused unsteered)", flush=True)
+            rows.append(dict(device=label, shape=shape, case=name, us=us, ratio_to_fused_unsteered=us / base))
+    return rows
 
 
 class _Null:
@@ -299,6 +378,7 @@ def main() -> None:
     parser.add_argument("--decode-rounds", type=int, default=5)
     parser.add_argument("--decode-steps", type=int, default=20)
     parser.add_argument("--skip-cpu", action="store_true")
+    parser.add_argument("--cpu-attention-only", action="store_true", help="of the CPU half, only the fused-attention reference")
     parser.add_argument("--decode-smoke-on-cpu", action="store_true", help="run the decode-step part on CPU (checks the code runs; not a GPU figure)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -309,10 +389,13 @@ def main() -> None:
           f"cpu {platform.processor() or platform.machine()}  {time.strftime('%Y-%m-%d %H:%M %Z')}  load {os.getloadavg()[0]:.2f}", flush=True)
     result: dict = {"threads": args.threads}
     if not args.skip_cpu:
-        result["cpu"] = cpu_half(args)
+        if not args.cpu_attention_only:
+            result["cpu"] = cpu_half(args)
+        result["cpu_attention"] = attention_half(args, "cpu", "CPU reference")
     if torch.cuda.is_available() and kernels.triton_available():
         name = torch.cuda.get_device_name()
         result["gpu_kernels"] = gpu_kernels(args, name)
+        result["gpu_attention"] = attention_half(args, "cuda", name)
         result["gpu_decode"] = decode_steps(args, "cuda", torch.bfloat16, name)
     else:
         reason = "no CUDA device" if not torch.cuda.is_available() else f"triton unavailable ({kernels.TRITON_IMPORT_ERROR})"

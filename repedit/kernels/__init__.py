@@ -21,8 +21,13 @@ Ops (``h`` ``[B, T, d]``, one edit per batch row; pass ``[N, 1, d]`` for one per
   of repedit, so the steering stage can build on it);
 * :func:`lowrank_edit` — ``h + a·Rᵀ(Wh + β − Rh)`` (LoReFT) with per-user R, W, β, a: the reference
   only (no Triton kernel yet), differentiable, shared by training and serving;
-* :func:`attn_out_edit` — ``o + s·V[idx]`` on an attention output; a *composition* (attention, then
-  gather-add), since repedit has no Triton attention whose epilogue it could join;
+* :func:`attention_edit` — the whole attention sub-layer of a llama-style block with the edit in its
+  epilogue: grouped-query causal attention (padding masks, KV cache), the value-path edit, ``o_proj``,
+  then projection and add on its output (the ``attn_out`` site) — one Triton launch on GPU;
+  reference in :mod:`repedit.kernels.attention`. :mod:`repedit.steering.fused_attention` registers it
+  as a Hugging Face attention implementation;
+* :func:`attn_out_edit` — ``o + s·V[idx]`` on an attention output computed elsewhere: the
+  composition (attention, then gather-add) that :func:`attention_edit` fuses;
   :func:`repedit.steering.value_edit_as_attn_out` converts a value-path edit into it.
 
 The steering hooks (:func:`repedit.steering.steer`) call :func:`gather_add` for ``add`` edits and
@@ -37,12 +42,12 @@ from typing import Callable
 
 import torch
 
-from . import reference
-from .ops import INTERPRET, TRITON_IMPORT_ERROR, add_edit_rms_norm, attn_out_edit, backend, gather_add, project_edit, triton_available, uses_triton
+from . import attention, reference
+from .ops import INTERPRET, TRITON_IMPORT_ERROR, add_edit_rms_norm, attention_edit, attn_out_edit, backend, gather_add, project_edit, triton_available, uses_triton
 from .reference import lowrank_edit
 
 __all__ = [
-    "INTERPRET", "TRITON_IMPORT_ERROR", "add_edit_rms_norm", "attn_out_edit", "backend", "compiled",
+    "INTERPRET", "TRITON_IMPORT_ERROR", "add_edit_rms_norm", "attention", "attention_edit", "attn_out_edit", "backend", "compiled",
     "gather_add", "lowrank_edit", "project_edit", "reference", "triton_available", "uses_triton",
 ]
 

@@ -18,17 +18,21 @@ from typing import Optional
 
 import torch
 
+from . import attention as attention_reference
 from . import reference
 
 #: ``TRITON_INTERPRET=1`` at import time: run the Triton kernels on CPU tensors with the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _triton = None
+_triton_attention = None
 TRITON_IMPORT_ERROR: str | None = None
 if INTERPRET or torch.cuda.is_available():
     try:
         from . import triton_kernels as _triton
+        from . import triton_attention as _triton_attention
     except Exception as error:  # triton missing or unusable: the reference serves every device
+        _triton = _triton_attention = None
         TRITON_IMPORT_ERROR = f"{type(error).__name__}: {error}"
 else:
     TRITON_IMPORT_ERROR = "not imported: no CUDA device and TRITON_INTERPRET is not 1"
@@ -158,3 +162,35 @@ def attn_out_edit(attn_output: torch.Tensor, idx: torch.Tensor, table: torch.Ten
     :func:`repedit.kernels.value_edit_as_attn_out`.
     """
     return gather_add(attn_output, idx, table, row_strength)
+
+
+def attention_edit(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    o_weight: torch.Tensor,
+    o_bias: torch.Tensor | None = None,
+    idx: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    mask: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    basis: torch.Tensor | None = None,
+    strength: torch.Tensor | None = None,
+    table: torch.Tensor | None = None,
+    row_strength: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention sub-layer with the per-row edit in its epilogue: ``[B, Tq, d]`` = edit(o_proj(attention + value edit)).
+
+    ``query`` ``[B, H, Tq, hd]``, ``key``/``value`` ``[B, Hkv, Tkv, hd]`` (grouped-query), ``o_weight``
+    ``[d, H·hd]``; ``idx`` ``[B]`` (``-1`` = no edit, bit-for-bit); see
+    :mod:`repedit.kernels.attention` for the masks and edit tables. One Triton launch on CUDA (or
+    under the interpreter); the pure-torch reference elsewhere (attention, ``o_proj``, edit: three passes).
+    No ``torch.library`` op: the attention function of a Hugging Face model is called eagerly.
+    """
+    impl = _triton_attention if uses_triton(query) else attention_reference
+    return impl.attention_edit(
+        query, key, value, o_weight, o_bias, idx, scale=scale, causal=causal, mask=mask,
+        values=values, basis=basis, strength=strength, table=table, row_strength=row_strength,
+    )

@@ -1,4 +1,4 @@
-"""Wiring of the fused residual + edit + RMSNorm op into a Hugging Face model, and value-path edits.
+"""Wiring of the fused residual + edit + RMSNorm op and of the fused attention into a Hugging Face model, and value-path edits.
 
 :func:`fused_steering` is :func:`repedit.steering.steer` with the ``add`` edits at ``resid_post.L``
 sites moved into the next RMSNorm. Editing ``resid_post.L`` means editing the residual that block
@@ -21,6 +21,12 @@ norm after it computes exactly Hugging Face's ``LlamaRMSNorm`` (checked numerica
 input: llama, mistral, mixtral, qwen2/3, phi3, smollm3; not Gemma's ``1 + w`` norm, LayerNorms or
 OLMo's parameter-free norm). Every other edit goes through the ordinary hooks of ``steer``; the
 handle's ``fused_sites`` lists what was fused.
+
+``attn_out.L`` edits (``add``, ``project_out``, and value-path edits converted by
+:func:`value_edit_as_attn_out`) go into the epilogue of the fused attention kernel
+(:mod:`repedit.steering.fused_attention`) under the same rule — CUDA with Triton, or ``force=True``
+— unless ``attention=False``; on CPU with ``force=True`` that is the pure-torch reference of the
+kernel, or the Triton kernel itself under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from ..model.hooks import register_site_hook
 from ..model.sites import Site, parse_site
 from .apply import SteeringHandle, steer
 from .edit import SiteEdit, UserEdit, check_model
+from .fused_attention import AttentionTables, fusable_attn_out_layers, install_attention_edits
 
 
 class FusedSteeringHandle(SteeringHandle):
@@ -46,9 +53,10 @@ class FusedSteeringHandle(SteeringHandle):
     ``fused_sites``: the ``resid_post`` sites whose edit runs inside the next RMSNorm.
     """
 
-    def __init__(self, handles: list, fused_sites: list[str]) -> None:
+    def __init__(self, handles: list, fused_sites: list[str], attention_tables: dict[int, AttentionTables] | None = None) -> None:
         super().__init__(handles)
         self.fused_sites = fused_sites
+        self.attention_tables = attention_tables or {}  # layer -> tables of the fused attention (``calls`` counts its runs)
 
 
 class _NormPatch:
@@ -94,8 +102,10 @@ def _next_norm(adapter, layer: int) -> torch.nn.Module:
     return adapter.input_norm(layer + 1) if layer + 1 < adapter.n_layers else adapter.final_norm
 
 
-def fused_steering(model, edits: Sequence[UserEdit | None], rows: Sequence[int | None] | None = None, *, force: bool = False) -> FusedSteeringHandle:
-    """:func:`~repedit.steering.steer` with ``resid_post`` ``add`` edits fused into the next RMSNorm.
+def fused_steering(model, edits: Sequence[UserEdit | None], rows: Sequence[int | None] | None = None, *, force: bool = False,
+                   attention: bool = True) -> FusedSteeringHandle:
+    """:func:`~repedit.steering.steer` with ``resid_post`` ``add`` edits fused into the next RMSNorm
+    and (``attention=True``) ``attn_out`` edits fused into the attention kernel.
 
     Same arguments, same results (up to rounding: a user's several ``add`` edits at one site are
     summed before they are added) and the same handle protocol (``with``, ``remove()``); the model
@@ -125,7 +135,8 @@ def fused_steering(model, edits: Sequence[UserEdit | None], rows: Sequence[int |
     norms = {layer: _next_norm(adapter, layer) for layer in fusable if layer not in blocked}
     eps = {layer: _llama_rms_norm_eps(norm, adapter.d_model) for layer, norm in norms.items()}
     fused_layers = sorted(layer for layer, value in eps.items() if value is not None)
-    fused_sites = {Site("resid_post", layer) for layer in fused_layers}
+    attention_layers = fusable_attn_out_layers(model, edits) if attention else []
+    fused_sites = {Site("resid_post", layer) for layer in fused_layers} | {Site("attn_out", layer) for layer in attention_layers}
 
     def rest(edit: UserEdit | None) -> UserEdit | None:
         """The user's edits that are not fused (``None`` if nothing is left)."""
@@ -140,7 +151,10 @@ def fused_steering(model, edits: Sequence[UserEdit | None], rows: Sequence[int |
         batch_index = torch.tensor([(r + 1) if (r is not None and edits[r] is not None) else 0 for r in rows], device=device)
     else:
         batch_index = torch.tensor([1], device=device)
+    attention_tables: dict[int, AttentionTables] = {}
     try:
+        attention_handle, attention_tables = install_attention_edits(model, edits, rows, attention_layers)
+        handles.append(attention_handle)
         for layer in fused_layers:
             table = torch.zeros(len(edits) + 1, adapter.d_model)
             for user, site_edit in fusable[layer]:
@@ -152,7 +166,8 @@ def fused_steering(model, edits: Sequence[UserEdit | None], rows: Sequence[int |
         for handle in handles:
             handle.remove()
         raise
-    return FusedSteeringHandle(handles, [f"resid_post.{layer}" for layer in fused_layers])
+    names = [f"resid_post.{layer}" for layer in fused_layers] + [f"attn_out.{layer}" for layer in attention_layers]
+    return FusedSteeringHandle(handles, names, attention_tables)
 
 
 def _fused_hook(patch: _NormPatch, table: torch.Tensor, index: torch.Tensor, rows, eps: float):

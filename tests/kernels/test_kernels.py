@@ -389,12 +389,13 @@ def test_value_edit_equals_its_attn_out_edit(llama):
 
 
 def test_triton_kernels_under_the_interpreter():
-    """tests/kernels/test_kernels_triton.py in a fresh process with TRITON_INTERPRET=1 set before any import."""
+    """tests/kernels/test_kernels_triton.py and test_attention_triton.py in a fresh process with
+    TRITON_INTERPRET=1 set before any import (the attention file includes a default-model generation)."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_kernels_triton.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_kernels_triton.py", "tests/kernels/test_attention_triton.py"],
         cwd=root, env=env, capture_output=True, text=True, timeout=600,
     )
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""

@@ -9,8 +9,9 @@ and the same fitting job (``stylevector`` on those pairs) run:
 * ``ray x1``: :func:`repedit.scale.pairs_on_ray` / ``fit_on_ray`` on one actor holding all cores;
 * ``ray x2``: two actors, the cores split between them.
 
-Reported: wall seconds (Ray: from creating the actors, so model loading counts; the Ray start is
-shown apart), users per hour, and the ratio to in-process. Then the costs that grow with the number
+Reported: wall seconds (model loading counts: in-process its load, Ray from creating the actors;
+the Ray start is shown apart), users per hour, and the ratio to in-process (run first and again last,
+because a shared machine drifts). Then the costs that grow with the number
 of users already written — one vector-store write of ``--users-per-block`` users into a store of N
 users, and one pairs ``.state.json`` write with N users' insights — for N in ``--store-sizes``.
 
@@ -90,17 +91,22 @@ def main() -> None:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, repetition_penalty=1.2, batch_size=8)
     options = FitOptions(method="stylevector", batch_size=8)  # real-history pairs: they survive short answers
     rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder)
-        model, tokenizer = load_model()
+
+    def in_process(out: Path, name: str) -> list:
+        """The single-process pairs and fit jobs; appends a row and returns the pairs."""
         started = time.perf_counter()
+        model, tokenizer = load_model()  # counted, as each actor's model load is
         pairs = generate(model, tokenizer, users, prompts, out=out / "single.jsonl", settings=settings, truncated="trim",
                          users_per_block=args.users_per_block, progress=False)
         pairs_seconds = time.perf_counter() - started
         started = time.perf_counter()
         fit_users(model, tokenizer, pairs, options, progress=False)
-        rows.append(("in-process", pairs_seconds, time.perf_counter() - started))
-        del model
+        rows.append((name, pairs_seconds, time.perf_counter() - started))
+        return pairs
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder)
+        pairs = in_process(out, "in-process")
         started = time.perf_counter()
         with ray_session("local", num_cpus=cores):
             ray_start = time.perf_counter() - started
@@ -114,6 +120,7 @@ def main() -> None:
                 fit_on_ray("smollm2-135m-instruct", on_ray, out / f"store{actors}", options=options, actors=actors,
                            users_per_task=args.users_per_block, progress=False)
                 rows.append((f"ray x{actors}" + ("" if same else " (pairs differ!)"), pairs_seconds, time.perf_counter() - started))
+        in_process(Path(tempfile.mkdtemp(dir=folder)), "in-process again")  # the machine drifts: the first row, repeated last
     print(f"{args.users} users x {args.prompts} prompts, {args.max_new_tokens} new tokens, blocks of {args.users_per_block}, "
           f"{cores} cores; {len(pairs)} pairs; local Ray start {ray_start:.1f} s (not counted below)")
     base_pairs, base_fit = rows[0][1], rows[0][2]

@@ -108,7 +108,7 @@ def test_reference_unedited_rows_are_bit_identical_and_masks_agree():
     assert_bits_equal(edited[1], plain[1])  # idx = -1
     assert (edited[0] - plain[0]).abs().max() > 1e-2
     # the same mask as [B, Tkv], [B, Tq, Tkv] and HF's [B, 1, Tq, Tkv] (causality folded in, causal=False)
-    B, Tq, Tkv = 3, 7, 7
+    Tq, Tkv = 7, 7
     full = c["padding"][:, None, :] & torch.ones(Tq, Tkv, dtype=torch.bool).tril()
     for mask, causal in ((c["padding"], True), (full, False), (full[:, None], False)):
         assert_bits_equal(kernels.attention.attention_edit(c["q"], c["k"], c["v"], c["w"], c["bias"], mask=mask, causal=causal), plain)

@@ -16,7 +16,6 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 import torch  # noqa: E402
-from conftest import HIDDEN  # noqa: E402
 from test_attention import KINDS, SHAPES, attention_case, attn_edits, edit_kwargs, logits_and_tokens, oracle_kwargs, sdpa_oracle  # noqa: E402
 from test_kernels import assert_bits_equal  # noqa: E402
 

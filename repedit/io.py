@@ -145,7 +145,7 @@ def json_type_name(value: Any) -> str:
     """The JSON name of ``value``'s type (``object``, ``array``, ``string``, ...), for error messages."""
     for kind, name in _JSON_NAMES.items():
         if type(value) is kind:
-            return name.split(" ", 1)[1]
+            return name.split(" ", 1)[-1]  # "null", "true/false" have no article
     return type(value).__name__
 
 

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -230,3 +231,54 @@ def test_a_10_mb_history_item_is_truncated_with_a_warning_and_memory_stays_bound
 
     assert result["kept_chars"] in (None, MAX_TEXT_CHARS)  # the real-history pair (if kept) carries the truncated text
     assert result["peak_rss_mb"] < 3 * 1024
+
+
+# selection.json and probe files: every damaged field is an InputError naming the file and the field.
+_SELECTION = {"format": "repedit.selection", "rule": "kl", "max_kl": 0.05, "choices": {"alice": {"layer": 1, "strength": 0.5}}, "grid": []}
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"choices": []}, "field 'choices': expected"), ({"choices": {"alice": "x"}}, "choices['alice']: expected"),
+    ({"choices": {"alice": {"strength": "big"}}}, "choices['alice'].strength"), ({"grid": {}}, "field 'grid'"),
+    ({"max_kl": "0.1"}, "field 'max_kl'"), ({"rule": "vibes"}, "field 'rule'"),
+])
+def test_damaged_selection_json_is_a_named_error(tmp_path, change, needle):
+    from repedit.evaluate.select import Selection
+
+    path = tmp_path / "selection.json"
+    path.write_text(json.dumps({**_SELECTION, **change}))
+    with pytest.raises(InputError, match=re.escape(needle)) as err:
+        Selection.load(path)
+    assert str(path) in str(err.value)
+    path.write_text(json.dumps(_SELECTION))
+    assert Selection.load(path).choices["alice"]["strength"] == 0.5
+
+
+def _probe_files(tmp_path):
+    from repedit.probes.types import Direction, save_probes
+
+    probe = Direction(vector=torch.ones(8) / 8 ** 0.5, scale=2.0, site="resid_post.1", method="diff_of_means", metrics={"accuracy": 1.0},
+                      model_fingerprint="llama-x", data_hash="h", user_id=None)
+    return save_probes(tmp_path / "probes", [probe])
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda m, t: m.update(probes={}), "field 'probes'"), (lambda m, t: m["probes"][0].update(site=3), "probes[0].site"),
+    (lambda m, t: m["probes"][0].update(kind="blob"), "probes[0].kind"), (lambda m, t: m["probes"][0].update(scale=None), "probes[0].scale"),
+    (lambda m, t: t.update({"0.vector": torch.ones(2, 8)}), "tensor '0.vector' has shape [2, 8]"),
+    (lambda m, t: t.update({"0.vector": torch.full((8,), float("nan"))}), "NaN or infinite"),
+    (lambda m, t: t.pop("0.vector"), "missing tensor '0.vector'"),
+])
+def test_damaged_probe_files_are_named_errors(tmp_path, damage, needle):
+    from repedit.io import load_tensors, save_tensors
+    from repedit.probes.types import load_probes
+
+    folder = _probe_files(tmp_path)
+    manifest = json.loads((folder / "probes.json").read_text())
+    tensors = dict(load_tensors(folder / "probes.safetensors"))
+    damage(manifest, tensors)
+    (folder / "probes.json").write_text(json.dumps(manifest))
+    save_tensors(folder / "probes.safetensors", tensors)
+    with pytest.raises(InputError, match=re.escape(needle)) as err:
+        load_probes(folder)
+    assert str(folder) in str(err.value)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..io import InputError, read_json, write_json
+from ..io import InputError, expect, read_json, write_json
 from ..pairs.synthesis import REAL_HISTORY, Pair
 from ..steering.edit import UserEdit
 from ..steering.fit import fit_user_edits
@@ -66,14 +66,21 @@ class Selection:
     @classmethod
     def load(cls, path: str | Path, edits: dict[str, UserEdit] | None = None) -> "Selection":
         """Read a :meth:`save` file; ``edits`` (e.g. from the store) are attached as they are."""
-        record = dict(read_json(path))
+        record = dict(read_json(path, dict))
         if record.pop("format", SELECTION_FORMAT) != SELECTION_FORMAT:
             raise InputError(f"{path}: not a repedit selection (field 'format')")
         for key in ("choices", "grid"):
             if key not in record:
                 raise InputError(f"{path}: missing field {key!r}")
-        choices, grid = record.pop("choices"), record.pop("grid")
-        max_kl, rule = record.pop("max_kl", None), record.pop("rule", "kl")
+        choices = expect(record.pop("choices"), dict, f"{path}: field 'choices'")
+        for user, choice in choices.items():
+            expect(choice, dict, f"{path}: choices[{user!r}]")
+            expect(choice.get("strength", 0.0), float, f"{path}: choices[{user!r}].strength")
+        grid = [expect(row, dict, f"{path}: grid[{i}]") for i, row in enumerate(expect(record.pop("grid"), list, f"{path}: field 'grid'"))]
+        max_kl = expect(record.pop("max_kl", None), (float, type(None)), f"{path}: field 'max_kl'")
+        rule = record.pop("rule", "kl")
+        if rule not in ("kl", "fluency"):
+            raise InputError(f"{path}: field 'rule': expected 'kl' or 'fluency', got {rule!r}")
         return cls(choices, dict(edits or {}), grid, max_kl, rule, record)
 
 

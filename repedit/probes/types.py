@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..io import InputError, load_tensors, read_json, save_tensors, write_json
+from ..io import InputError, expect, load_tensors, read_json, save_tensors, write_json
 
 FORMAT = "repedit.probes"
 FORMAT_VERSION = 1
@@ -107,26 +107,50 @@ def save_probes(directory: str | Path, probes: Sequence[Probe]) -> Path:
     return directory
 
 
+def _tensor(tensors: dict[str, torch.Tensor], name: str, ndim: int, where: str) -> torch.Tensor:
+    """A finite ``ndim``-dimensional float tensor of ``tensors``, else an InputError. (No width check:
+    a subspace may live in a reduced space, narrower than the model.)"""
+    if name not in tensors:
+        raise InputError(f"{where}: missing tensor {name!r}")
+    value = tensors[name]
+    if value.ndim != ndim or not value.is_floating_point():
+        raise InputError(f"{where}: tensor {name!r} has shape {list(value.shape)} ({value.dtype}), expected a {ndim}-D float tensor")
+    if not torch.isfinite(value).all():
+        raise InputError(f"{where}: tensor {name!r} has NaN or infinite values")
+    return value
+
+
 def load_probes(directory: str | Path) -> list[Probe]:
-    """Load probes saved by :func:`save_probes`."""
+    """Load probes saved by :func:`save_probes`; a damaged or mismatched file is an :class:`InputError`
+    naming the file, the probe's index and the field."""
     directory = Path(directory)
-    manifest = read_json(directory / "probes.json")
+    json_path, tensor_path = directory / "probes.json", directory / "probes.safetensors"
+    manifest = read_json(json_path, dict)
     if manifest.get("format") != FORMAT:
-        raise InputError(f"{directory / 'probes.json'}: not a repedit probes file (field 'format')")
-    tensors = load_tensors(directory / "probes.safetensors")
+        raise InputError(f"{json_path}: not a repedit probes file (field 'format')")
+    metas = expect(manifest.get("probes"), list, f"{json_path}: field 'probes'")
+    tensors = load_tensors(tensor_path)
     probes: list[Probe] = []
-    for index, meta in enumerate(manifest["probes"]):
+    for index, meta in enumerate(metas):
+        where = f"{json_path}: probes[{index}]"
+        expect(meta, dict, where)
+        for name, types in (("site", str), ("method", str), ("metrics", dict), ("model_fingerprint", str), ("data_hash", str),
+                            ("user_id", (str, type(None))), ("kind", str)):
+            expect(meta.get(name), types, f"{where}.{name}")
         common = dict(
             site=meta["site"], method=meta["method"], metrics=meta["metrics"], model_fingerprint=meta["model_fingerprint"],
-            data_hash=meta["data_hash"], user_id=meta["user_id"], extra=meta.get("extra", {}),
+            data_hash=meta["data_hash"], user_id=meta["user_id"], extra=expect(meta.get("extra", {}), dict, f"{where}.extra"),
         )
         if meta["kind"] == "direction":
-            probes.append(Direction(vector=tensors[f"{index}.vector"], scale=meta["scale"], **common))
+            vector = _tensor(tensors, f"{index}.vector", 1, f"{tensor_path} (probe {index})")
+            probes.append(Direction(vector=vector, scale=float(expect(meta.get("scale"), float, f"{where}.scale")), **common))
+        elif meta["kind"] == "subspace":
+            basis = _tensor(tensors, f"{index}.basis", 2, f"{tensor_path} (probe {index})")
+            center = _tensor(tensors, f"{index}.center", 1, f"{tensor_path} (probe {index})") if f"{index}.center" in tensors else None
+            variance = expect(meta.get("explained_variance"), list, f"{where}.explained_variance")
+            probes.append(Subspace(basis=basis, center=center, explained_variance=variance, **common))
         else:
-            probes.append(Subspace(
-                basis=tensors[f"{index}.basis"], center=tensors.get(f"{index}.center"),
-                explained_variance=meta["explained_variance"], **common,
-            ))
+            raise InputError(f"{where}.kind: expected 'direction' or 'subspace', got {meta['kind']!r}")
     return probes
 
 
@@ -206,11 +230,21 @@ class ProbeReport:
     @classmethod
     def load(cls, directory: str | Path) -> "ProbeReport":
         directory = Path(directory)
-        data = read_json(directory / "report.json")
+        path = directory / "report.json"
+        data = read_json(path, dict)
         if data.get("format") != "repedit.probe_report":
-            raise InputError(f"{directory / 'report.json'}: not a repedit probe report (field 'format')")
+            raise InputError(f"{path}: not a repedit probe report (field 'format')")
+        rows = []
+        for index, row in enumerate(expect(data.get("rows"), list, f"{path}: field 'rows'")):
+            expect(row, dict, f"{path}: rows[{index}]")
+            try:
+                rows.append(ProbeRow(**_unfinite(row)))
+            except TypeError as err:  # missing or unknown fields
+                raise InputError(f"{path}: rows[{index}]: {err} (expected the fields of a ProbeRow)") from None
+        selected = [expect(s, dict, f"{path}: selected[{i}]") for i, s in enumerate(expect(data.get("selected"), list, f"{path}: field 'selected'"))]
         return cls(
-            rows=[ProbeRow(**_unfinite(r)) for r in data["rows"]], probes=load_probes(directory),
-            selected=[_unfinite(s) for s in data["selected"]],
-            model_fingerprint=data["model_fingerprint"], data_hash=data["data_hash"], settings=data.get("settings", {}),
+            rows=rows, probes=load_probes(directory), selected=[_unfinite(s) for s in selected],
+            model_fingerprint=expect(data.get("model_fingerprint"), str, f"{path}: field 'model_fingerprint'"),
+            data_hash=expect(data.get("data_hash"), str, f"{path}: field 'data_hash'"),
+            settings=expect(data.get("settings", {}), dict, f"{path}: field 'settings'"),
         )

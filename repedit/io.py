@@ -193,6 +193,25 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: not a readable safetensors file ({type(err).__name__}: {str(err)[:200]})", path=path) from None
 
 
+def read_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read lazily (only that tensor's bytes); a missing, truncated or
+    damaged file, or a missing tensor, is an :class:`InputError` naming the file and the tensor."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found, expected a safetensors file", path=path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if name not in handle.keys():
+                raise InputError(f"{path}: no tensor {name!r} (it has {', '.join(sorted(handle.keys())[:8])})", path=path, field=name)
+            return handle.get_tensor(name)
+    except InputError:
+        raise
+    except Exception as err:  # SafetensorError, OSError, ...: the file is not what a save wrote
+        raise InputError(f"{path}: not a readable safetensors file ({type(err).__name__}: {str(err)[:200]})", path=path) from None
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, object)`` for each non-blank line of a JSONL file (1-based line numbers).
 

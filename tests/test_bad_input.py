@@ -282,3 +282,22 @@ def test_damaged_probe_files_are_named_errors(tmp_path, damage, needle):
     with pytest.raises(InputError, match=re.escape(needle)) as err:
         load_probes(folder)
     assert str(folder) in str(err.value)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda m, d: m.update(shards="x"), "field 'shards'"), (lambda m, d: m.update(d_model="64"), "field 'd_model'"),
+    (lambda m, d: m["shards"][0].update(file="../elsewhere.safetensors"), "must be a file name"),
+    (lambda m, d: (d / "shard-00000.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}"[:9]), "not a readable safetensors file"),
+    (lambda m, d: m.update(d_model=65), "expected [rows, 65]"),
+])
+def test_damaged_activation_files_are_named_errors(tiny_model, tokenizer, tmp_path, damage, needle):
+    from repedit.capture.activations import Activations, capture
+
+    acts = capture(tiny_model("llama"), tokenizer, ["one text", "another text"], sites=["resid_post.1"], position="mean", progress=False)
+    folder = acts.save(tmp_path / "acts")
+    manifest = json.loads((folder / "activations.json").read_text())
+    damage(manifest, folder)
+    (folder / "activations.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=re.escape(needle)) as err:
+        Activations.load(folder)["resid_post.1"]
+    assert str(folder) in str(err.value)

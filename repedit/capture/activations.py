@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io import InputError, read_json, save_tensors, sha256_of, write_json
+from ..io import InputError, expect, read_json, read_tensor, save_tensors, sha256_of, write_json
 from ..model.arch import get_adapter
 from ..model.hooks import read_sites
 from ..model.inputs import Encoded, chunks, context_length, encode
@@ -88,8 +87,11 @@ class Activations:
         if name not in self._tensors:
             parts = []
             for shard in self._shards:
-                with safe_open(str(shard), framework="pt") as handle:
-                    parts.append(handle.get_tensor(name))
+                part = read_tensor(shard, name)
+                if part.ndim != 2 or part.shape[-1] != self.d_model:
+                    raise InputError(f"{shard}: tensor {name!r} has shape {list(part.shape)}, expected [rows, {self.d_model}] (d_model of the manifest)",
+                                     path=shard, field=name)
+                parts.append(part)
             return torch.cat(parts) if parts else torch.empty(0, self.d_model)
         return self._tensors[name]
 
@@ -133,17 +135,34 @@ class Activations:
     def load(cls, directory: str | Path) -> "Activations":
         """Open a directory written by :meth:`save` or by :func:`capture` with ``out_dir`` (lazy per site)."""
         directory = Path(directory)
-        manifest = read_json(directory / _MANIFEST)
+        path = directory / _MANIFEST
+        manifest = read_json(path, dict)
         if manifest.get("format") != "repedit.activations":
-            raise InputError(f"{directory / _MANIFEST}: not a repedit activations manifest (field 'format')")
+            raise InputError(f"{path}: not a repedit activations manifest (field 'format')")
+        entries = expect(manifest.get("shards"), list, f"{path}: field 'shards'")
         if manifest.get("complete") is False:
-            raise InputError(f"{directory}: the capture is incomplete ({len(manifest['shards'])} shards written); run it again to resume")
-        shards = [directory / entry["file"] for entry in manifest["shards"]]
+            raise InputError(f"{directory}: the capture is incomplete ({len(entries)} shards written); run it again to resume")
+        for name, types in (("sites", list), ("position", (str, int)), ("d_model", int), ("model_fingerprint", str),
+                            ("metadata", list), ("span", (str, list, type(None)))):
+            if name in manifest or name != "metadata":
+                expect(manifest.get(name), types, f"{path}: field {name!r}")
+        for i, site in enumerate(manifest["sites"]):
+            expect(site, str, f"{path}: sites[{i}]")
+        shards = []
+        for i, entry in enumerate(entries):
+            expect(entry, dict, f"{path}: shards[{i}]")
+            file = expect(entry.get("file"), str, f"{path}: shards[{i}].file")
+            if Path(file).name != file:  # a shard is a file of this directory, never a path elsewhere
+                raise InputError(f"{path}: shards[{i}].file must be a file name in {directory}, got {file!r}")
+            shards.append(directory / file)
         counts = []
         for shard in shards:
-            with safe_open(str(shard), framework="pt") as handle:
-                counts.append(handle.get_tensor(_N_TOKENS))
-        span = manifest["span"]
+            count = read_tensor(shard, _N_TOKENS)
+            if count.ndim != 1 or count.is_floating_point() or (count < 0).any():
+                raise InputError(f"{shard}: tensor {_N_TOKENS!r} must be 1-D non-negative integers, got shape {list(count.shape)} ({count.dtype})",
+                                 path=shard, field=_N_TOKENS)
+            counts.append(count)
+        span = manifest.get("span")
         return cls(
             sites=list(manifest["sites"]),
             position=manifest["position"],

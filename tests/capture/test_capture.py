@@ -343,24 +343,13 @@ def test_load_is_lazy(tiny_model, tokenizer, tmp_path, monkeypatch):
     model = tiny_model("llama")
     capture(model, tokenizer, STREAM_TEXTS, sites=STREAM_SITES, position="all", out_dir=tmp_path / "acts", shard_size=3, progress=False)
     read: list[str] = []
-    real_safe_open = capture_module.safe_open
+    real_read_tensor = capture_module.read_tensor  # reads one named tensor of a shard (safetensors' lazy safe_open)
 
-    class SpyHandle:
-        def __init__(self, *args, **kwargs):
-            self._cm = real_safe_open(*args, **kwargs)
+    def spy(path, name):
+        read.append(name)
+        return real_read_tensor(path, name)
 
-        def __enter__(self):
-            self._handle = self._cm.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self._cm.__exit__(*exc)
-
-        def get_tensor(self, name):
-            read.append(name)
-            return self._handle.get_tensor(name)
-
-    monkeypatch.setattr(capture_module, "safe_open", SpyHandle)
+    monkeypatch.setattr(capture_module, "read_tensor", spy)
     acts = Activations.load(tmp_path / "acts")
     assert set(read) <= {"__n_tokens__"}  # opening reads only the per-item token counts
     assert acts._tensors == {}

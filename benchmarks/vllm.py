@@ -12,7 +12,8 @@ tokens are counted, not assumed). Users: ``--users`` random directions at ``resi
    batching, per-row steering), max batch = ``--requests``;
 4. **HF generate**: one mixed-user batch through ``steer()`` + ``generate_batch`` (``model.generate``).
 
-Throughput = generated tokens / wall seconds. Conditions alternate for ``--repeats`` rounds; medians
+Throughput = generated tokens / wall seconds; the steered runs also report the time spent inside
+repedit's hooks (the worker extension's ``repedit_status``: ``hook_seconds`` over ``forwards``). Conditions alternate for ``--repeats`` rounds; medians
 are reported. Both engines get the same two cores (vLLM: ``VLLM_CPU_OMP_THREADS_BIND``; torch:
 ``--threads``). Targets (issue 14): vLLM steered >= 0.9x vLLM unsteered and >= 2x repedit's engine.
 
@@ -81,8 +82,16 @@ def main() -> None:
             out = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
             return sum(len(o.outputs[0].token_ids) for o in out)
 
+        hooks = {"seconds": 0.0, "forwards": 0, "wall": 0.0}
+
         def vllm_steered():
+            before = llm.collective_rpc("repedit_status")[0]
+            start = time.perf_counter()
             out = generate(llm, ids, users, store, params)
+            hooks["wall"] += time.perf_counter() - start
+            after = llm.collective_rpc("repedit_status")[0]
+            hooks["seconds"] += after["hook_seconds"] - before["hook_seconds"]
+            hooks["forwards"] += after["forwards"] - before["forwards"]
             return sum(len(o.outputs[0].token_ids) for o in out)
 
         def repedit_engine():
@@ -114,6 +123,7 @@ def main() -> None:
             if run is not hf_generate:
                 run()
         rates: dict[str, list[float]] = {name: [] for name in conditions}
+        hooks.update(seconds=0.0, forwards=0, wall=0.0)  # the timed rounds only
         for _ in range(args.repeats):
             for name, run in conditions.items():
                 start = time.perf_counter()
@@ -127,6 +137,8 @@ def main() -> None:
         print(f"{name:<16} {median[name]:>18.1f} {runs:>24} {median[name] / median['vLLM unsteered']:>17.2f}")
     print(f"vLLM steered / repedit engine: {median['vLLM, 32 users'] / median['repedit engine']:.2f}x; "
           f"vLLM steered / HF generate: {median['vLLM, 32 users'] / median['HF generate']:.2f}x")
+    print(f"repedit's hooks in the steered vLLM runs: {hooks['seconds'] * 1e3:.0f} ms over {hooks['forwards']} forwards "
+          f"({hooks['seconds'] / max(hooks['forwards'], 1) * 1e3:.2f} ms per forward, {100 * hooks['seconds'] / max(hooks['wall'], 1e-9):.1f}% of their wall time)")
 
 
 if __name__ == "__main__":

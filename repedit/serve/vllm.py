@@ -121,6 +121,8 @@ class _WorkerSteering:
         self.forward_mask: torch.Tensor | None = None  # [tokens] bool: tokens the current forward edits
         self.forward_tables: dict[int, list] = {}
         self.unknown_users: set[str] = set()
+        # What steering costs this worker (reported by status()): forwards seen, seconds spent in repedit's hooks.
+        self.forwards, self.hook_seconds = 0, 0.0
 
     # -- loading
     def load(self, directory: str) -> dict[str, Any]:
@@ -192,7 +194,8 @@ class _WorkerSteering:
         if self.loaded is None:
             return {"loaded": False}
         return {"loaded": True, "store": self.loaded.directory, "generation": self.loaded.generation, "users": sorted(self.loaded.users),
-                "versions": dict(self.loaded.versions), "layers": sorted(self.loaded.tables), "hooks": len(self.handles)}
+                "versions": dict(self.loaded.versions), "layers": sorted(self.loaded.tables), "hooks": len(self.handles),
+                "forwards": self.forwards, "hook_seconds": self.hook_seconds}
 
     # -- per forward
     def _requests(self, n_requests: int) -> list[Any]:
@@ -200,6 +203,14 @@ class _WorkerSteering:
         return [self.runner.requests.get(req_id) for req_id in batch.req_ids[:n_requests]]
 
     def _pre_forward(self, module, args, kwargs) -> None:
+        started = time.perf_counter()
+        try:
+            self._prepare_forward(args, kwargs)
+        finally:
+            self.forwards += 1
+            self.hook_seconds += time.perf_counter() - started
+
+    def _prepare_forward(self, args, kwargs) -> None:
         self.forward_rows = self.forward_mask = None
         self.forward_tables = {}
         from vllm.forward_context import get_forward_context, is_forward_context_available
@@ -256,9 +267,12 @@ class _WorkerSteering:
             hidden, residual = output
             if residual is None or hidden.dim() != 2:
                 return None
+            started = time.perf_counter()
             total = hidden + residual  # resid_post [tokens, D]
             edited = apply_tables(total[:, None, :], tables, self.forward_mask[:, None])[:, 0, :]
-            return torch.where(self.forward_mask[:, None], edited - residual, hidden), residual
+            out = torch.where(self.forward_mask[:, None], edited - residual, hidden), residual
+            self.hook_seconds += time.perf_counter() - started  # on CPU the ops have run; on a GPU this is launch time only
+            return out
 
         return hook
 

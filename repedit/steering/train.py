@@ -74,7 +74,11 @@ class TrainSettings:
     val_items: int = 2  # per user: the last real-history items, held back for early stopping
     patience: int = 2
     n_neutral: int = 8
-    batch_size: int = 16
+    batch_size: int = 16  # most rows in one micro-batch
+    # A micro-batch's padded tokens (rows × its longest row) stay within this multiple of its real
+    # tokens: rows are sorted by length and a longer row starts a new micro-batch rather than pad
+    # the others to its length (on a CPU, padding is paid in full). inf: fixed micro-batches of batch_size rows.
+    max_padding: float = 1.25
     max_tokens: int = 256
     seed: int = 0
     # Steps of every epoch (each a row per active user); None: the most training items of any user
@@ -85,6 +89,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.kind not in TRAIN_KINDS:
             raise InputError(f"unknown trained-edit kind {self.kind!r}: expected one of {', '.join(TRAIN_KINDS)}")
+        if not self.max_padding >= 1.0 or self.batch_size < 1:
+            raise InputError(f"max_padding must be ≥ 1 and batch_size ≥ 1 (got {self.max_padding}, {self.batch_size})")
         if self.rank < 1 or self.epochs < 0 or self.val_items < 1 or self.patience < 1:
             raise InputError(f"rank, val_items and patience must be ≥ 1 and epochs ≥ 0 (got rank {self.rank}, epochs {self.epochs}, "
                              f"val_items {self.val_items}, patience {self.patience})")
@@ -308,12 +314,12 @@ def train_user_edits(
         # Unsteered references, computed once: neutral logprobs (KL), preference logprobs, validation NLL.
         tables.row_index = torch.zeros(max(len(neutral_items), 1), dtype=torch.long)
         with torch.no_grad():
-            neutral_reference = _batched_logprobs(model, neutral_items, pad_id, settings.batch_size, tables, rows=[0] * len(neutral_items))
+            neutral_reference = _batched_logprobs(model, neutral_items, pad_id, settings, tables, rows=[0] * len(neutral_items))
             pref_reference = {i: [(float(_token_logprob(a_lp, a)), float(_token_logprob(b_lp, b)))
-                                  for (a, b), (a_lp, b_lp) in zip(its, _pairs_logprobs(model, its, pad_id, settings.batch_size, tables))]
+                                  for (a, b), (a_lp, b_lp) in zip(its, _pairs_logprobs(model, its, pad_id, settings, tables))]
                               for i, its in pref_items.items()}
-            unsteered_val = _val_nll(model, val_items, pad_id, settings.batch_size, tables, steered=False, n_users=len(users))
-            init_val = _val_nll(model, val_items, pad_id, settings.batch_size, tables, steered=True, n_users=len(users))
+            unsteered_val = _val_nll(model, val_items, pad_id, settings, tables, steered=False, n_users=len(users))
+            init_val = _val_nll(model, val_items, pad_id, settings, tables, steered=True, n_users=len(users))
         optimizer = torch.optim.Adam(tables.groups)
         best = {i: {"epoch": 0, "val_nll": init_val[i]} for i in range(len(users))}
         snapshot = tables.user_rows(range(len(users)))
@@ -352,7 +358,7 @@ def train_user_edits(
                     sums[i][1] += float(kl) / steps
                 optimizer.step()
             with torch.no_grad():
-                current = _val_nll(model, [it for it in val_items if it.user in active], pad_id, settings.batch_size, tables, steered=True, n_users=len(users))
+                current = _val_nll(model, [it for it in val_items if it.user in active], pad_id, settings, tables, steered=True, n_users=len(users))
             improved = [i for i in active if current[i] < best[i]["val_nll"]]
             if improved:
                 rows_now = tables.user_rows(improved)
@@ -389,30 +395,46 @@ def train_user_edits(
     return TrainResult(edits, history, summary, time.perf_counter() - started, asdict(settings))
 
 
-def _batched_logprobs(model, items: Sequence[_Item], pad_id: int, batch_size: int, tables: _Tables, rows: Sequence[int]) -> list[torch.Tensor]:
-    """Log-probabilities of ``items`` (in their order), row ``k`` steered by table row ``rows[k]``;
-    micro-batches are formed over the items sorted by length (less padding)."""
-    order = sorted(range(len(items)), key=lambda k: len(items[k].input_ids))
+def micro_batches(lengths: Sequence[int], max_rows: int, max_padding: float = float("inf")) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into micro-batches: sorted by length (stable), at most ``max_rows``
+    each, and a micro-batch's padded size ``rows × longest`` at most ``max_padding ×`` its summed lengths."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for k in sorted(range(len(lengths)), key=lambda k: lengths[k]):
+        n = lengths[k]  # the longest so far: lengths ascend
+        if current and (len(current) == max_rows or (len(current) + 1) * n > max_padding * (real + n)):
+            batches.append(current)
+            current, real = [], 0
+        current.append(k)
+        real += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _batched_logprobs(model, items: Sequence[_Item], pad_id: int, settings: TrainSettings, tables: _Tables, rows: Sequence[int]) -> list[torch.Tensor]:
+    """Log-probabilities of ``items`` (in their order), row ``k`` steered by table row ``rows[k]``, in
+    :func:`micro_batches` of similar length."""
     out: list[torch.Tensor | None] = [None] * len(items)
-    for start in range(0, len(order), batch_size):
-        part = order[start:start + batch_size]
+    for part in micro_batches([len(it.input_ids) for it in items], settings.batch_size, settings.max_padding):
         tables.row_index = torch.tensor([rows[k] for k in part], dtype=torch.long)
         for k, lp in zip(part, _forward_logprobs(model, [items[k] for k in part], pad_id)):
             out[k] = lp.detach()
     return out  # type: ignore[return-value]
 
 
-def _pairs_logprobs(model, items, pad_id, batch_size, tables) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _pairs_logprobs(model, items, pad_id, settings: TrainSettings, tables) -> list[tuple[torch.Tensor, torch.Tensor]]:
     flat = [x for pair in items for x in pair]
-    lps = _batched_logprobs(model, flat, pad_id, batch_size, tables, rows=[0] * len(flat))
+    lps = _batched_logprobs(model, flat, pad_id, settings, tables, rows=[0] * len(flat))
     return list(zip(lps[0::2], lps[1::2]))
 
 
-def _val_nll(model, items: Sequence[_Item], pad_id: int, batch_size: int, tables: _Tables, *, steered: bool, n_users: int) -> dict[int, float]:
+def _val_nll(model, items: Sequence[_Item], pad_id: int, settings: TrainSettings, tables: _Tables, *, steered: bool, n_users: int) -> dict[int, float]:
     """Mean over each user's validation items of the mean answer-token NLL (nats/token)."""
     if not items:
         return {}
-    lps = _batched_logprobs(model, items, pad_id, batch_size, tables, rows=[(it.user + 1) if steered else 0 for it in items])
+    lps = _batched_logprobs(model, items, pad_id, settings, tables, rows=[(it.user + 1) if steered else 0 for it in items])
     per_user: dict[int, list[float]] = {}
     for item, lp in zip(items, lps):
         per_user.setdefault(item.user, []).append(-float(_token_logprob(lp, item)))
@@ -437,13 +459,12 @@ def _step(model, rows, tables: _Tables, neutral_items, neutral_reference, pref_i
             flat.append(("pref+", user, a, ref[0]))
             flat.append(("pref-", user, b, ref[1]))
     # Rows of similar length share a micro-batch: the loss is a sum over rows and gradients accumulate
-    # across micro-batches, so the order changes nothing but the padding (a mixed batch padded to its
-    # longest row costs up to 2x on CPU). Stable sort: deterministic under the seed.
-    flat.sort(key=lambda row: len(row[2].input_ids))
+    # across micro-batches, so the grouping changes nothing but the padding (a mixed batch padded to
+    # its longest row costs up to 2x on CPU). Stable sort: deterministic under the seed.
     stats: dict[int, list[torch.Tensor]] = {}
     pending: dict[int, dict[str, torch.Tensor]] = {}
-    for start in range(0, len(flat), settings.batch_size):
-        part = flat[start:start + settings.batch_size]
+    for group in micro_batches([len(row[2].input_ids) for row in flat], settings.batch_size, settings.max_padding):
+        part = [flat[k] for k in group]
         tables.row_index = torch.tensor([u + 1 for _, u, _, _ in part], dtype=torch.long)
         logprobs = _forward_logprobs(model, [it for _, _, it, _ in part], pad_id)
         loss = logprobs[0].new_zeros(())

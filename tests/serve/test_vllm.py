@@ -174,6 +174,7 @@ def test_store_update_is_seen_by_the_next_request(engine):
         assert torch.allclose(got, _hf_prompt_logprobs(model, ids, new_edit), atol=1e-4)
         status = llm.collective_rpc("repedit_status")[0]
         assert status["versions"]["add12"] == after
+        assert status["forwards"] > 0 and status["hook_seconds"] > 0  # steered forwards ran through the hooks and were timed
     finally:
         store.put(edits["add12"], replace_existing=True)
 

@@ -16,7 +16,7 @@ from repedit.io import InputError
 from repedit.kernels import lowrank_edit
 from repedit.pairs.synthesis import REAL_HISTORY, SELF_GENERATED, Pair
 from repedit.steering import RowParams, SiteEdit, UserEdit, apply_operator
-from repedit.steering.train import TrainSettings, train_user_edits
+from repedit.steering.train import TrainSettings, micro_batches, train_user_edits
 from repedit.store.vectors import VectorStore
 
 PROMPTS = ["Say hi.", "Describe the sea.", "Give advice.", "Name a colour.", "Tell a joke.", "Plan a trip."]
@@ -118,6 +118,31 @@ def test_joint_training_equals_training_each_user_alone(tiny_model, tokenizer):
     # Same neutral texts, in the same order, as the joint run's default (the first two self-generated prompts'
     # neutral answers); each user walks them from an offset of its own id, so its place in the joint batch does not matter.
     torch.testing.assert_close(joint.edits["bob"].edits[0].vector, alone.edits["bob"].edits[0].vector, atol=1e-4, rtol=1e-4)
+
+
+def test_micro_batches_group_rows_of_similar_length_within_the_padding_bound():
+    lengths = [10, 100, 12, 11, 95, 300, 10]
+    # Fixed micro-batches (the old rule): sorted, 3 rows each, whatever their lengths.
+    assert micro_batches(lengths, 3) == [[0, 6, 3], [2, 4, 1], [5]]
+    # Padding ≤ 1.25x the real tokens: the short rows together, the two ~100-token rows together, 300 alone.
+    groups = micro_batches(lengths, 16, 1.25)
+    assert groups == [[0, 6, 3, 2], [4, 1], [5]]
+    for group in groups:  # the bound, checked by hand for each group
+        assert len(group) * max(lengths[k] for k in group) <= 1.25 * sum(lengths[k] for k in group)
+    assert sorted(k for g in groups for k in g) == list(range(len(lengths)))
+    assert micro_batches([], 4, 1.25) == [] and micro_batches([5, 5, 5], 2, 1.0) == [[0, 1], [2]]
+
+
+def test_the_micro_batch_rule_changes_time_not_the_trained_edits(tiny_model, tokenizer):
+    model = tiny_model("llama")
+    # Users whose texts differ in length, so that the two rules group the rows differently.
+    pairs = make_pairs({"alice": "YO!!! lol so", "bob": "Kindly note, dear sir, that " * 6, "cara": "ok"})
+    tight = train_user_edits(model, tokenizer, pairs, settings=dataclasses.replace(FAST, max_padding=1.0), progress=False)
+    fixed = train_user_edits(model, tokenizer, pairs, settings=dataclasses.replace(FAST, max_padding=float("inf")), progress=False)
+    for user in ("alice", "bob", "cara"):
+        torch.testing.assert_close(tight.edits[user].edits[0].vector, fixed.edits[user].edits[0].vector, atol=1e-4, rtol=1e-4)
+    with pytest.raises(InputError, match="max_padding"):
+        TrainSettings(max_padding=0.5)
 
 
 def test_lowrank_training_starts_at_the_mean_difference_and_learns(tiny_model, tokenizer):

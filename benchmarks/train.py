@@ -47,10 +47,11 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--early-stopping", action="store_true", help="default patience instead of patience = epochs")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cuda on a GPU machine)")
     parser.add_argument("--padding", default="1.25", help="comma-separated max_padding values to compare (e.g. 1.25,inf)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(device=args.device)
     pairs = read_pairs(args.pairs)
     users = list(dict.fromkeys(p.user_id for p in pairs))[: args.users]
     pairs = [p for p in pairs if p.user_id in users]
@@ -58,7 +59,7 @@ def main() -> None:
     base = replace(base, steps_per_epoch=most_training_items(pairs, base.val_items),
                    **({} if args.early_stopping else {"patience": max(args.epochs, 1)}))
     neutral = list(dict.fromkeys((p.prompt, p.neutral) for p in pairs if p.source != "real-history"))[: base.n_neutral]
-    print(f"threads {args.threads}, epochs {args.epochs} ({'early stopping' if args.early_stopping else 'no early stopping'}), "
+    print(f"device {args.device}, threads {args.threads}, epochs {args.epochs} ({'early stopping' if args.early_stopping else 'no early stopping'}), "
           f"layer {args.layer}, users {len(users)}, {base.steps_per_epoch} steps per epoch", flush=True)
     for padding in [float(v) for v in args.padding.split(",")]:
         measure(model, tokenizer, pairs, users, replace(base, max_padding=padding), neutral, args.repeats)
@@ -72,6 +73,8 @@ def measure(model, tokenizer, pairs, users: list[str], settings: TrainSettings, 
         for _ in range(repeats):
             started = time.perf_counter()
             result = train_user_edits(model, tokenizer, [p for p in pairs if p.user_id in subset], settings=settings, neutral=neutral, progress=False)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             best = min(best, time.perf_counter() - started)
             epochs = max(row["epoch"] for row in result.history)
         return best, epochs, result.edits

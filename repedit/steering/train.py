@@ -152,6 +152,8 @@ class _Tables:
         self.sites = sites
         self.kind = settings.kind
         n_users, n_sites, d = init.shape
+        device = next(model.parameters()).device  # the parameters live where the model runs (no copies per forward)
+        init = init.to(device)
         self.row_index = torch.zeros(0, dtype=torch.long)
         if self.kind == "vector":
             self.vector = torch.nn.Parameter(init.clone())
@@ -159,13 +161,13 @@ class _Tables:
         else:
             k = min(settings.rank, d)
             gen = torch.Generator().manual_seed(settings.seed)
-            free = torch.randn(n_users, n_sites, d, k, generator=gen)
+            free = torch.randn(n_users, n_sites, d, k, generator=gen).to(device)  # drawn on the CPU: the same draw on any device
             norms = init.norm(dim=-1, keepdim=True)
             unit = torch.where(norms > 0, init / norms.clamp_min(1e-12), free[..., 0])
             free[..., 0] = unit * math.sqrt(d)  # R's first row along the mean difference
             self.free = torch.nn.Parameter(free)
             basis = _orthonormal(free)
-            self.weight_delta = torch.nn.Parameter(torch.zeros(n_users, n_sites, k, d))  # W = R + ΔW
+            self.weight_delta = torch.nn.Parameter(torch.zeros(n_users, n_sites, k, d, device=device))  # W = R + ΔW
             self.bias = torch.nn.Parameter(torch.einsum("usd,uskd->usk", init, basis).detach().clone())
             self.groups = [{"params": [self.free, self.weight_delta], "lr": settings.lr_matrix}, {"params": [self.bias], "lr": settings.lr}]
 
@@ -203,16 +205,16 @@ class _Tables:
 
     def edits(self, user_ids: list[str], fingerprint: str, provenance: dict[str, dict[str, Any]], method: str) -> dict[str, UserEdit]:
         out: dict[str, UserEdit] = {}
-        with torch.no_grad():
+        with torch.no_grad():  # edits on the CPU, as every other stage makes them
             for u, user in enumerate(user_ids):
                 site_edits = []
                 for s, site in enumerate(self.sites):
                     if self.kind == "vector":
-                        site_edits.append(SiteEdit(site, "add", vector=self.vector[u, s].detach().clone(), a=1.0))
+                        site_edits.append(SiteEdit(site, "add", vector=self.vector[u, s].detach().cpu().clone(), a=1.0))
                     else:
                         basis = _orthonormal(self.free[u, s])
-                        site_edits.append(SiteEdit(site, "lowrank", basis=basis.clone(), weight=(basis + self.weight_delta[u, s]).clone(),
-                                                   bias=self.bias[u, s].detach().clone(), a=1.0))
+                        site_edits.append(SiteEdit(site, "lowrank", basis=basis.cpu().clone(), weight=(basis + self.weight_delta[u, s]).cpu().clone(),
+                                                   bias=self.bias[u, s].detach().cpu().clone(), a=1.0))
                 out[user] = UserEdit(user, site_edits, fingerprint, self.adapter.d_model, method=method, provenance=provenance[user])
         return out
 

@@ -33,11 +33,12 @@ order comes from the seed and the user id alone).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 from ..io import InputError
 from ..kernels import reference
 from ..model.arch import get_adapter
-from ..model.hooks import register_site_hook
+from ..model.hooks import read_sites, register_site_hook
 from ..model.inputs import encode
 from ..model.loading import model_fingerprint
 from ..model.sites import parse_site
@@ -80,6 +81,9 @@ class TrainSettings:
     # the others to its length (on a CPU, padding is paid in full). inf: fixed micro-batches of batch_size rows.
     max_padding: float = 1.25
     max_tokens: int = 256
+    # The frozen blocks below the first trained site compute the same hidden states at every step: they
+    # run once per item and are kept (fp32 or the model's dtype) if they fit in this many bytes; 0: off.
+    prefix_cache_bytes: int = 2 * 1024**3
     seed: int = 0
     # Steps of every epoch (each a row per active user); None: the most training items of any user
     # trained here. A scaled-out run sets that of *all* users, so a user's schedule — and edit — does
@@ -219,19 +223,100 @@ class _Tables:
         return out
 
 
-def _forward_logprobs(model, items: Sequence[_Item], pad_id: int) -> list[torch.Tensor]:
-    """Per item, log-probabilities ``[n_answer_tokens, vocab]`` predicting its answer tokens (left
-    padding, so every answer ends the row and only the last positions need logits)."""
+class _FrozenPrefix:
+    """The hidden states entering block ``start`` (the first trained site's block) for every item,
+    computed once: the blocks below are frozen and come before every edit, so their output never
+    changes. A forward then runs blocks ``start…`` only, on these states as ``inputs_embeds``.
+
+    Used only where it is exact: :meth:`verify` compares it with the full forward on real items and
+    turns it off otherwise (e.g. a model that scales ``inputs_embeds``)."""
+
+    def __init__(self, model, start: int) -> None:
+        self.model, self.adapter, self.start = model, get_adapter(model), start
+        self.hidden: dict[int, torch.Tensor] = {}  # id(item) -> [n_tokens, d]
+        self.active = False
+
+    def fill(self, items: Sequence[_Item], settings: TrainSettings, pad_id: int) -> None:
+        unique = list({id(it): it for it in items}.values())
+        dtype = next(self.model.parameters()).dtype
+        need = sum(len(it.input_ids) for it in unique) * self.adapter.d_model * torch.finfo(dtype).bits // 8
+        if self.start < 1 or not unique or need > settings.prefix_cache_bytes:
+            return
+        site = parse_site(f"resid_post.{self.start - 1}", self.adapter.n_layers)
+        for part in micro_batches([len(it.input_ids) for it in unique], settings.batch_size, settings.max_padding):
+            batch = [unique[k] for k in part]
+            input_ids, mask, width = _left_padded(batch, pad_id)
+            device = next(self.model.parameters()).device
+            got: dict[str, torch.Tensor] = {}
+            read_sites(self.adapter, [site], lambda _, hidden: got.__setitem__("h", hidden.detach()), input_ids=input_ids.to(device),
+                       attention_mask=mask.to(device), position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device))
+            for row, item in enumerate(batch):
+                self.hidden[id(item)] = got["h"][row, width - len(item.input_ids):].clone()
+        self.active = True
+
+    def covers(self, items: Sequence[_Item]) -> bool:
+        return self.active and all(id(it) in self.hidden for it in items)
+
+    def inputs(self, items: Sequence[_Item], width: int) -> torch.Tensor:
+        first = self.hidden[id(items[0])]
+        embeds = first.new_zeros(len(items), width, first.shape[-1])  # padding rows: masked out
+        for row, item in enumerate(items):
+            embeds[row, width - len(item.input_ids):] = self.hidden[id(item)]
+        return embeds
+
+    @contextlib.contextmanager
+    def blocks_from_start(self) -> Iterator[None]:
+        """The decoder's block list cut to ``blocks[start:]`` for the duration (the same modules, so
+        the edit's hooks on them still fire)."""
+        name = self.adapter.layout.blocks
+        full = getattr(self.adapter.decoder, name)
+        setattr(self.adapter.decoder, name, torch.nn.ModuleList(list(full)[self.start:]))
+        try:
+            yield
+        finally:
+            setattr(self.adapter.decoder, name, full)
+
+    def verify(self, items: Sequence[_Item], pad_id: int, tolerance: float = 1e-4) -> float | None:
+        """Largest |Δ log-prob| between the cut and the full forward on ``items`` (None when not in use);
+        the cut is turned off if that is above ``tolerance``."""
+        if not self.active:
+            return None
+        with torch.no_grad():
+            self.active = False
+            full = _forward_logprobs(self.model, items, pad_id)
+            self.active = True
+            cut = _forward_logprobs(self.model, items, pad_id, self)
+        gap = max(float((a - b).abs().max()) for a, b in zip(full, cut))
+        if not gap <= tolerance:
+            self.active, self.hidden = False, {}
+        return gap
+
+
+def _left_padded(items: Sequence[_Item], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     width = max(len(i.input_ids) for i in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     for row, item in enumerate(items):
         input_ids[row, width - len(item.input_ids):] = torch.tensor(item.input_ids)
         mask[row, width - len(item.input_ids):] = 1
+    return input_ids, mask, width
+
+
+def _forward_logprobs(model, items: Sequence[_Item], pad_id: int, prefix: _FrozenPrefix | None = None) -> list[torch.Tensor]:
+    """Per item, log-probabilities ``[n_answer_tokens, vocab]`` predicting its answer tokens (left
+    padding, so every answer ends the row and only the last positions need logits). With a
+    ``prefix`` that holds these items, only the blocks from its start run."""
+    input_ids, mask, width = _left_padded(items, pad_id)
     keep = max(len(i.input_ids) - i.lo for i in items) + 1
     device = next(model.parameters()).device
-    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False, logits_to_keep=keep).logits
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+    if prefix is not None and prefix.covers(items):
+        with prefix.blocks_from_start():
+            logits = model(inputs_embeds=prefix.inputs(items, width), attention_mask=mask.to(device), position_ids=position_ids,
+                           use_cache=False, logits_to_keep=keep).logits
+    else:
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=position_ids,
+                       use_cache=False, logits_to_keep=keep).logits
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     out = []
     for row, item in enumerate(items):
@@ -313,15 +398,24 @@ def train_user_edits(
         p.requires_grad_(False)
     handles = tables.hooks()
     try:
+        # The first edit is at resid_post.L, block L's output: blocks 0…L-1 are frozen and come before it.
+        prefix = _FrozenPrefix(model, min(layers))
+        everything = [it for its in train_items.values() for it in its] + val_items + neutral_items
+        everything += [it for its in pref_items.values() for pair in its for it in pair]
+        with torch.no_grad():
+            prefix.fill(everything, settings, pad_id)
+            probe = everything[:2]
+            tables.row_index = torch.zeros(len(probe), dtype=torch.long)
+            prefix_gap = prefix.verify(probe, pad_id)
         # Unsteered references, computed once: neutral logprobs (KL), preference logprobs, validation NLL.
         tables.row_index = torch.zeros(max(len(neutral_items), 1), dtype=torch.long)
         with torch.no_grad():
-            neutral_reference = _batched_logprobs(model, neutral_items, pad_id, settings, tables, rows=[0] * len(neutral_items))
+            neutral_reference = _batched_logprobs(model, neutral_items, pad_id, settings, tables, rows=[0] * len(neutral_items), prefix=prefix)
             pref_reference = {i: [(float(_token_logprob(a_lp, a)), float(_token_logprob(b_lp, b)))
-                                  for (a, b), (a_lp, b_lp) in zip(its, _pairs_logprobs(model, its, pad_id, settings, tables))]
+                                  for (a, b), (a_lp, b_lp) in zip(its, _pairs_logprobs(model, its, pad_id, settings, tables, prefix))]
                               for i, its in pref_items.items()}
-            unsteered_val = _val_nll(model, val_items, pad_id, settings, tables, steered=False, n_users=len(users))
-            init_val = _val_nll(model, val_items, pad_id, settings, tables, steered=True, n_users=len(users))
+            unsteered_val = _val_nll(model, val_items, pad_id, settings, tables, steered=False, n_users=len(users), prefix=prefix)
+            init_val = _val_nll(model, val_items, pad_id, settings, tables, steered=True, n_users=len(users), prefix=prefix)
         optimizer = torch.optim.Adam(tables.groups)
         best = {i: {"epoch": 0, "val_nll": init_val[i]} for i in range(len(users))}
         snapshot = tables.user_rows(range(len(users)))
@@ -349,7 +443,7 @@ def train_user_edits(
                     if pref_items.get(i):
                         j = (epoch * steps + step) % len(pref_items[i])
                         rows.append(("pref", i, j))
-                losses = _step(model, rows, tables, neutral_items, neutral_reference, pref_items, pref_reference, pad_id, settings)
+                losses = _step(model, rows, tables, neutral_items, neutral_reference, pref_items, pref_reference, pad_id, settings, prefix)
                 broken = [i for i in sorted(losses) if not all(math.isfinite(float(x)) for x in losses[i])]
                 if broken:
                     names = ", ".join(f"{users[i]!r} (NLL {float(losses[i][0])}, KL {float(losses[i][1])})" for i in broken)
@@ -360,7 +454,8 @@ def train_user_edits(
                     sums[i][1] += float(kl) / steps
                 optimizer.step()
             with torch.no_grad():
-                current = _val_nll(model, [it for it in val_items if it.user in active], pad_id, settings, tables, steered=True, n_users=len(users))
+                current = _val_nll(model, [it for it in val_items if it.user in active], pad_id, settings, tables, steered=True, n_users=len(users),
+                                   prefix=prefix)
             improved = [i for i in active if current[i] < best[i]["val_nll"]]
             if improved:
                 rows_now = tables.user_rows(improved)
@@ -394,7 +489,8 @@ def train_user_edits(
     edits = tables.edits(users, model_fingerprint(model), provenance, method)
     summary = {user: {"epoch": best[i]["epoch"], "val_nll": best[i]["val_nll"], "init_val_nll": init_val[i],
                       "unsteered_val_nll": unsteered_val[i], "n_train": len(train[user]), "n_val": len(val[user])} for i, user in enumerate(users)}
-    return TrainResult(edits, history, summary, time.perf_counter() - started, asdict(settings))
+    record = {**asdict(settings), "frozen_prefix": {"blocks": prefix.start, "used": prefix.active, "checked_gap": prefix_gap}}
+    return TrainResult(edits, history, summary, time.perf_counter() - started, record)
 
 
 def micro_batches(lengths: Sequence[int], max_rows: int, max_padding: float = float("inf")) -> list[list[int]]:
@@ -415,28 +511,30 @@ def micro_batches(lengths: Sequence[int], max_rows: int, max_padding: float = fl
     return batches
 
 
-def _batched_logprobs(model, items: Sequence[_Item], pad_id: int, settings: TrainSettings, tables: _Tables, rows: Sequence[int]) -> list[torch.Tensor]:
+def _batched_logprobs(model, items: Sequence[_Item], pad_id: int, settings: TrainSettings, tables: _Tables, rows: Sequence[int],
+                      prefix: _FrozenPrefix | None = None) -> list[torch.Tensor]:
     """Log-probabilities of ``items`` (in their order), row ``k`` steered by table row ``rows[k]``, in
     :func:`micro_batches` of similar length."""
     out: list[torch.Tensor | None] = [None] * len(items)
     for part in micro_batches([len(it.input_ids) for it in items], settings.batch_size, settings.max_padding):
         tables.row_index = torch.tensor([rows[k] for k in part], dtype=torch.long)
-        for k, lp in zip(part, _forward_logprobs(model, [items[k] for k in part], pad_id)):
+        for k, lp in zip(part, _forward_logprobs(model, [items[k] for k in part], pad_id, prefix)):
             out[k] = lp.detach()
     return out  # type: ignore[return-value]
 
 
-def _pairs_logprobs(model, items, pad_id, settings: TrainSettings, tables) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _pairs_logprobs(model, items, pad_id, settings: TrainSettings, tables, prefix=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     flat = [x for pair in items for x in pair]
-    lps = _batched_logprobs(model, flat, pad_id, settings, tables, rows=[0] * len(flat))
+    lps = _batched_logprobs(model, flat, pad_id, settings, tables, rows=[0] * len(flat), prefix=prefix)
     return list(zip(lps[0::2], lps[1::2]))
 
 
-def _val_nll(model, items: Sequence[_Item], pad_id: int, settings: TrainSettings, tables: _Tables, *, steered: bool, n_users: int) -> dict[int, float]:
+def _val_nll(model, items: Sequence[_Item], pad_id: int, settings: TrainSettings, tables: _Tables, *, steered: bool, n_users: int,
+             prefix: _FrozenPrefix | None = None) -> dict[int, float]:
     """Mean over each user's validation items of the mean answer-token NLL (nats/token)."""
     if not items:
         return {}
-    lps = _batched_logprobs(model, items, pad_id, settings, tables, rows=[(it.user + 1) if steered else 0 for it in items])
+    lps = _batched_logprobs(model, items, pad_id, settings, tables, rows=[(it.user + 1) if steered else 0 for it in items], prefix=prefix)
     per_user: dict[int, list[float]] = {}
     for item, lp in zip(items, lps):
         per_user.setdefault(item.user, []).append(-float(_token_logprob(lp, item)))
@@ -444,7 +542,7 @@ def _val_nll(model, items: Sequence[_Item], pad_id: int, settings: TrainSettings
 
 
 def _step(model, rows, tables: _Tables, neutral_items, neutral_reference, pref_items, pref_reference, pad_id: int,
-          settings: TrainSettings) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+          settings: TrainSettings, prefix: _FrozenPrefix | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """One optimisation step's forward + backward over ``rows`` in micro-batches; gradients accumulate.
 
     Each user's loss term is ``nll + kl_weight·kl + preference_weight·pref`` over their own rows.
@@ -468,7 +566,7 @@ def _step(model, rows, tables: _Tables, neutral_items, neutral_reference, pref_i
     for group in micro_batches([len(row[2].input_ids) for row in flat], settings.batch_size, settings.max_padding):
         part = [flat[k] for k in group]
         tables.row_index = torch.tensor([u + 1 for _, u, _, _ in part], dtype=torch.long)
-        logprobs = _forward_logprobs(model, [it for _, _, it, _ in part], pad_id)
+        logprobs = _forward_logprobs(model, [it for _, _, it, _ in part], pad_id, prefix)
         loss = logprobs[0].new_zeros(())
         for (role, user, item, extra), lp in zip(part, logprobs):
             terms = stats.setdefault(user, [lp.new_zeros(()), lp.new_zeros(()), lp.new_zeros(())])

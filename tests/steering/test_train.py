@@ -145,6 +145,29 @@ def test_the_micro_batch_rule_changes_time_not_the_trained_edits(tiny_model, tok
         TrainSettings(max_padding=0.5)
 
 
+@pytest.mark.parametrize("arch, kind", [("llama", "vector"), ("llama", "lowrank"), ("gemma2", "vector"), ("gpt2", "vector")])
+def test_the_frozen_prefix_is_used_where_exact_and_changes_nothing(tiny_model, tokenizer, arch, kind):
+    """Blocks below the first trained site run once per item; the edits equal a run that recomputes them.
+    GPT-2 adds its position embeddings to ``inputs_embeds``, so there the cut is inexact: the check turns it off."""
+    model = tiny_model(arch)
+    settings = dataclasses.replace(FAST, kind=kind, rank=2, layers=(2,), epochs=2)
+    cached = train_user_edits(model, tokenizer, make_pairs(), settings=settings, progress=False)
+    recomputed = train_user_edits(model, tokenizer, make_pairs(), settings=dataclasses.replace(settings, prefix_cache_bytes=0), progress=False)
+    used = cached.settings["frozen_prefix"]
+    assert used["blocks"] == 2 and used["used"] == (arch != "gpt2")
+    assert recomputed.settings["frozen_prefix"]["used"] is False and recomputed.settings["frozen_prefix"]["checked_gap"] is None
+    if arch != "gpt2":
+        assert used["checked_gap"] <= 1e-4
+    else:
+        assert used["checked_gap"] > 1e-4
+    for user in STYLES:
+        for a, b in zip(cached.edits[user].edits, recomputed.edits[user].edits):
+            for name in ("vector", "basis", "weight", "bias"):
+                if getattr(a, name) is not None:
+                    torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-4)
+    assert [h["val_nll"] for h in cached.history] == pytest.approx([h["val_nll"] for h in recomputed.history], abs=1e-5)
+
+
 def test_lowrank_training_starts_at_the_mean_difference_and_learns(tiny_model, tokenizer):
     model = tiny_model("llama")
     settings = dataclasses.replace(FAST, kind="lowrank", rank=2, epochs=0)

@@ -56,12 +56,18 @@ from ..model.generation import GenerationSettings
 from ..pairs.synthesis import PairTemplates
 from ..steering.edit import UserEdit
 from .conditions import (
-    CONDITIONS, DEFAULT_FACTORS, EDITED_CONDITIONS, EVAL_SETTINGS, MeasureRequest, ModelMeasures, fluency_controls, model_measures,
+    CONDITIONS,
+    DEFAULT_FACTORS,
+    EDITED_CONDITIONS,
+    EVAL_SETTINGS,
+    MeasureRequest,
+    ModelMeasures,
+    fluency_controls,
+    generate_with_edits,  # noqa: F401  (re-exported: its home before conditions.py; notebooks import it here)
+    model_measures,
 )
-from .conditions import generate_with_edits  # noqa: F401  (re-exported: its home before conditions.py; notebooks import it here)
 from .measures import FluencyRule, StyleAttributor, marker_means, marker_movement, rank_markers, repeated_ngram_rate, shuffled_label_accuracy
 from .select import DEFAULT_MAX_KL, HeldOut
-
 
 
 @dataclass

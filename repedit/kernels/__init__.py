@@ -43,7 +43,18 @@ from typing import Callable
 import torch
 
 from . import attention, reference
-from .ops import INTERPRET, TRITON_IMPORT_ERROR, add_edit_rms_norm, attention_edit, attn_out_edit, backend, gather_add, project_edit, triton_available, uses_triton
+from .ops import (
+    INTERPRET,
+    TRITON_IMPORT_ERROR,
+    add_edit_rms_norm,
+    attention_edit,
+    attn_out_edit,
+    backend,
+    gather_add,
+    project_edit,
+    triton_available,
+    uses_triton,
+)
 from .reference import lowrank_edit
 
 __all__ = [

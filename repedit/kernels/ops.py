@@ -29,8 +29,8 @@ _triton_attention = None
 TRITON_IMPORT_ERROR: str | None = None
 if INTERPRET or torch.cuda.is_available():
     try:
-        from . import triton_kernels as _triton
         from . import triton_attention as _triton_attention
+        from . import triton_kernels as _triton
     except Exception as error:  # triton missing or unusable: the reference serves every device
         _triton = _triton_attention = None
         TRITON_IMPORT_ERROR = f"{type(error).__name__}: {error}"

@@ -17,10 +17,10 @@ restarted job regenerates exactly what is missing — no pair lost or duplicated
 
 from __future__ import annotations
 
-from collections import Counter
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence

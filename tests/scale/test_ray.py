@@ -18,6 +18,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'repe
 psutil = pytest.importorskip("psutil")
 
 from conftest import build_tiny_model, style_pairs  # noqa: E402
+
 from repedit.capture.embedding import Embedder  # noqa: E402
 from repedit.evaluate.evaluation import eval_inputs, evaluate_users  # noqa: E402
 from repedit.evaluate.fitting import FitOptions, fit_users  # noqa: E402

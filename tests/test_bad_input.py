@@ -218,19 +218,26 @@ def test_lone_surrogate_is_a_400_naming_the_field(tiny):
 
 def test_a_10_mb_history_item_is_truncated_with_a_warning_and_memory_stays_bounded(tiny_folder, tmp_path):
     """Was: `repedit pairs` grew to 16.5 GB and was killed. The benchmark script runs the job in a child process and
-    reports its peak RSS; here on a tiny model (the default model's figure is in benchmarks/RESULTS.md)."""
+    reports its peak RSS; here on a tiny model (the default model's figure is in benchmarks/RESULTS.md).
+
+    The test process holds 1.5 GB of ballast while the child runs: the figure must be the child's own peak, not
+    the high-water mark of the (large, late in the suite) process it was forked from, which Linux carries across
+    exec into ``wait4``'s ru_maxrss (the measurement CI once failed on: 4,014 MB for a 536 MB job)."""
     folder, _ = tiny_folder
     spec = importlib.util.spec_from_file_location("big_history_item", Path(__file__).parents[1] / "benchmarks" / "big_history_item.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    ballast = b"\x01" * (1536 << 20)  # touched pages: resident in this process during the run
     result = bench.run(str(folder), 10.0, tmp_path, max_new_tokens=2)
+    del ballast
     print(f"10 MB history item, tiny model: {result}")
     assert result["exit"] == 0, result["stderr_tail"]
     assert result["warned"] and result["item_chars"] == 10_000_000
     from repedit.pairs.users import MAX_TEXT_CHARS
 
     assert result["kept_chars"] in (None, MAX_TEXT_CHARS)  # the real-history pair (if kept) carries the truncated text
-    assert result["peak_rss_mb"] < 3 * 1024
+    assert result["peak_source"] == "VmHWM"
+    assert result["peak_rss_mb"] < 1024  # the job's own figure on the tiny model (~0.5 GB), below the ballast's 1.5 GB
 
 
 # selection.json and probe files: every damaged field is an InputError naming the file and the field.

@@ -15,7 +15,9 @@ tokens are counted, not assumed). Users: ``--users`` random directions at ``resi
 Throughput = generated tokens / wall seconds; the steered runs also report the time spent inside
 repedit's hooks (the worker extension's ``repedit_status``: ``hook_seconds`` over ``forwards``). Conditions alternate for ``--repeats`` rounds; medians
 are reported. Both engines get the same two cores (vLLM: ``VLLM_CPU_OMP_THREADS_BIND``; torch:
-``--threads``). Targets (issue 14): vLLM steered >= 0.9x vLLM unsteered and >= 2x repedit's engine.
+``--threads``). ``--vllm-dtype`` / ``--model-dtype`` (default float32) set vLLM's dtype and that of the HF model
+behind repedit's engine and HF generate (bfloat16 is what vLLM's ``dtype="auto"`` picks on CPU for this model).
+Targets (issue 14): vLLM steered >= 0.9x vLLM unsteered and >= 2x repedit's engine.
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 \\
         python benchmarks/vllm.py --requests 32 --users 32 --max-tokens 32 --repeats 2
@@ -46,6 +48,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vllm-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="vLLM's weights and activations (bfloat16 is what vLLM's dtype 'auto' picks on CPU for this model)")
+    parser.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the HF model behind repedit's engine and HF generate")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -60,7 +66,7 @@ def main() -> None:
     from repedit.steering import SiteEdit, UserEdit, steer
     from repedit.store import save_edits
 
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(dtype=getattr(torch, args.model_dtype))
     fingerprint, width = model_fingerprint(model), model.config.hidden_size
     generator = torch.Generator().manual_seed(0)
     edits = {}
@@ -75,7 +81,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as work:
         store = save_edits(edits, work)
-        llm = load_llm(DEFAULT_MODEL, store, max_model_len=512, refresh_seconds=60.0)
+        llm = load_llm(DEFAULT_MODEL, store, max_model_len=512, refresh_seconds=60.0, dtype=args.vllm_dtype)
         params = vllm.SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
 
         def vllm_unsteered():
@@ -130,7 +136,8 @@ def main() -> None:
                 tokens = run()
                 rates[name].append(tokens / (time.perf_counter() - start))
     median = {name: statistics.median(values) for name, values in rates.items()}
-    print(f"\n{args.requests} requests, {args.users} users, {args.max_tokens} tokens each, {args.threads} threads, {args.repeats} repeats")
+    print(f"\n{args.requests} requests, {args.users} users, {args.max_tokens} tokens each, {args.threads} threads, {args.repeats} repeats; "
+          f"vLLM {args.vllm_dtype}, repedit engine and HF {args.model_dtype}")
     print(f"{'condition':<16} {'tokens/s (median)':>18} {'runs':>24} {'x vLLM unsteered':>17}")
     for name in conditions:
         runs = ", ".join(f"{v:.1f}" for v in rates[name])

@@ -101,6 +101,32 @@ def test_mixed_batch_of_users_equals_offline_steer(engine):
     assert float((_hf_prompt_logprobs(model, prompts[0], edits["add12"]) - plain).abs().max()) > 0.1
 
 
+def test_bfloat16_engine_steers_each_row_within_bfloat16_error(engine):
+    """vLLM's dtype "auto" picks bfloat16 on CPU for this float32 model (and benchmarks/vllm.py measures it ~2x
+    faster than float32 there). The worker casts each user's tables to the model's dtype; each steered row's
+    teacher-forced log-probs stay near steer()'s float32 ones: their error is a small fraction of what the
+    edit moves them (so a missing or wrongly cast edit fails), and unsteered rows stay near the plain model."""
+    _, model, tokenizer, edits, store_dir = engine
+    llm = load_llm(repedit.model.loading.DEFAULT_MODEL, store_dir, max_model_len=512, refresh_seconds=0.0, seed=0, dtype="bfloat16",
+                   kv_cache_memory_bytes=256 << 20)
+    try:
+        assert llm.llm_engine.model_config.dtype == torch.bfloat16
+        users = ["add12", None, "lowrank", "project", "two_sites"]
+        prompts = [render_chat(tokenizer, [{"role": "user", "content": PROMPTS[i]}]) for i in range(len(users))]
+        outputs = generate(llm, prompts, users, store_dir, vllm.SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    for ids, user, output in zip(prompts, users, outputs):
+        got, plain = _vllm_prompt_logprobs(output), _hf_prompt_logprobs(model, ids, None)
+        if user is None:
+            # bfloat16 rounding alone: ~0.07 nats per token (mean) on these prompts
+            assert float((got - plain).abs().mean()) < 0.15, float((got - plain).abs().mean())
+            continue
+        expected = _hf_prompt_logprobs(model, ids, edits[user])
+        error, moved = float((got - expected).abs().mean()), float((expected - plain).abs().mean())
+        assert error < 0.25 * moved, (user, error, moved)  # measured: error 0.04-0.08, moved 0.44-1.23
+
+
 def test_greedy_tokens_equal_offline_generation(engine):
     llm, model, tokenizer, edits, store_dir = engine
     from repedit.model.generation import GenerationSettings, generate_chat

@@ -28,7 +28,6 @@ import threading
 import time
 from pathlib import Path
 
-
 # Runs ``python -m repedit ARGS...`` after registering an exit handler that writes the process's own peak RSS
 # (kB) to the path given as the first argument; exit handlers also run on ``sys.exit`` from the CLI.
 _REPORT_PEAK_AND_RUN_REPEDIT = """
